@@ -1,0 +1,115 @@
+"""Runs the configured eval sets (`eval.sets`) on a model, on every rank, in training or alone.
+
+Each rank embeds its share of every set; the shares are gathered so all ranks compute
+the same metrics a 1-process eval would. Rank 0 writes one CLIP_benchmark JSON per
+(set, task) into `out_dir`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from PIL import Image
+from torch import nn
+
+from clipkit import distributed
+from clipkit.data import EvalBatch, expand_urls, iter_eval_batches, read_set_metadata
+from clipkit.errors import ClipkitConfigError
+from clipkit.eval.embed import embed_eval_set, gather_embedded_set
+from clipkit.eval.runner import TASKS, evaluate_embedded, format_results_table, write_benchmark_json
+from clipkit.eval.zeroshot import zeroshot_classifier
+
+
+@dataclass
+class EvalSetSpec:
+    name: str
+    urls: list[str]
+    tasks: list[str]
+    classnames: list[str] | None
+    templates: list[str] | None
+
+
+def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
+    """`eval.sets` ({name: {urls, tasks, classnames, templates}}) -> checked specs."""
+    specs = []
+    for name, s in (sets_cfg or {}).items():
+        urls = expand_urls(s["urls"])
+        tasks = list(s.get("tasks") or TASKS)
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown:
+            raise ClipkitConfigError(f"eval.sets.{name}.tasks: unknown {unknown}; choose from {list(TASKS)}")
+        classnames, templates = s.get("classnames"), s.get("templates")
+        if "zeroshot_classification" in tasks and (classnames is None or templates is None):
+            found_names, found_templates = read_set_metadata(urls[0])
+            classnames = list(classnames) if classnames is not None else found_names
+            templates = list(templates) if templates is not None else found_templates
+            if not classnames or not templates:
+                raise ClipkitConfigError(
+                    f"eval.sets.{name}: zero-shot needs class names and templates; set "
+                    f"eval.sets.{name}.classnames/templates or put classnames.txt and "
+                    f"zeroshot_classification_templates.txt beside the shards")
+        specs.append(EvalSetSpec(name, urls, tasks, classnames and list(classnames),
+                                 templates and list(templates)))
+    return specs
+
+
+class EvalSuite:
+    """`run(objective, ...)` -> flat metrics `{set/metric: value}`; collective over all ranks."""
+
+    def __init__(self, specs: list[EvalSetSpec], *, preprocess: Callable, tokenizer: Callable,
+                 batch_size: int, out_dir: Path | None, model_name: str, pretrained: str = "clipkit"):
+        self.specs = specs
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.out_dir = out_dir
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.last_results: dict[str, dict[str, dict[str, float]]] = {}
+
+    def _encoders(self, objective: nn.Module, device: torch.device):
+        def encode_image(images: torch.Tensor) -> torch.Tensor:
+            return objective.encode_image(images.to(device))
+
+        def encode_text(texts: list[str]) -> torch.Tensor:
+            return torch.cat([objective.encode_text(self.tokenizer(texts[i:i + self.batch_size]).to(device))
+                              for i in range(0, len(texts), self.batch_size)])
+        return encode_image, encode_text
+
+    def _batches(self, spec: EvalSetSpec, encode_image, encode_text, device) -> Iterator[EvalBatch]:
+        local = iter_eval_batches(spec.urls, preprocess=self.preprocess, batch_size=self.batch_size,
+                                  rank=distributed.rank(), world_size=distributed.world_size())
+        for batch in distributed.in_lockstep(local, device):
+            if batch is None:  # this rank is done; match the others' collective forwards
+                with torch.no_grad():
+                    encode_image(self.preprocess(Image.new("RGB", (8, 8)))[None])
+                    encode_text(["a"])
+                continue
+            yield batch
+
+    def run(self, objective: nn.Module, *, device: torch.device | str, step: int | None = None) -> dict[str, float]:
+        device = torch.device(device)
+        encode_image, encode_text = self._encoders(objective, device)
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        for spec in self.specs:
+            with torch.no_grad():
+                classifier = (zeroshot_classifier(encode_text, spec.classnames, spec.templates)
+                              if "zeroshot_classification" in spec.tasks else None)
+                local = embed_eval_set(self._batches(spec, encode_image, encode_text, device),
+                                       encode_image, encode_text)
+            emb = gather_embedded_set(local, device=device)
+            results[spec.name] = evaluate_embedded(emb, tasks=spec.tasks, classifier=classifier)
+        self.last_results = results
+        if distributed.rank() == 0 and self.out_dir is not None:
+            for set_name, tasks in results.items():
+                for task, metrics in tasks.items():
+                    write_benchmark_json(self.out_dir / f"{set_name}_{task}.json", dataset=set_name,
+                                         model=self.model_name, pretrained=self.pretrained, task=task,
+                                         metrics=metrics)
+        return {f"{s}/{m}": v for s, tasks in results.items() for metrics in tasks.values() for m, v in metrics.items()}
+
+    def results_table(self) -> str:
+        return format_results_table(self.last_results)

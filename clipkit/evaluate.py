@@ -1,0 +1,67 @@
+"""`clipkit-eval` / `python -m clipkit.evaluate`: zero-shot and retrieval on `eval.sets`.
+
+Scores a clipkit run directory (its latest checkpoint, exported to open_clip format on the
+way) or any open_clip model plus local weights. Writes one CLIP_benchmark JSON per
+(set, task) and `summary.md` into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from clipkit.errors import ClipkitConfigError
+
+
+def load_open_clip(model_name: str, pretrained: str | None, device: torch.device):
+    """-> (model in eval mode, val transform, tokenizer) straight from open_clip."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+    return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from clipkit.checkpoint import export_open_clip
+    from clipkit.eval.suite import EvalSuite, build_eval_specs
+    from clipkit.objective import ContrastiveObjective
+
+    specs = build_eval_specs(cfg.eval.sets)
+    if not specs:
+        raise ClipkitConfigError("no eval sets: choose one with eval=<name> (see conf/eval/)")
+    if (cfg.run_dir is None) == (cfg.model_name is None):
+        raise ClipkitConfigError("give exactly one of run_dir=<clipkit run> or model_name=<open_clip name>")
+    if cfg.run_dir is not None:
+        if not Path(cfg.run_dir).is_dir():
+            raise ClipkitConfigError(f"run_dir not found: {cfg.run_dir}")
+        weights = export_open_clip(cfg.run_dir)
+        model_name, pretrained, label = f"local-dir:{weights.parent}", None, Path(cfg.run_dir).name
+    else:
+        model_name, pretrained = cfg.model_name, cfg.pretrained
+        label = model_name
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    model, preprocess, tokenizer = load_open_clip(model_name, pretrained, device)
+    suite = EvalSuite(specs, preprocess=preprocess, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
+                      out_dir=Path(cfg.out_dir), model_name=label, pretrained=str(pretrained or label))
+    metrics = suite.run(ContrastiveObjective(model, loss=None), device=device)
+    table = suite.results_table()
+    (Path(cfg.out_dir) / "summary.md").write_text(f"# {label}\n\n```\n{table}\n```\n")
+    print(table, flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except ClipkitConfigError as err:
+        sys.exit(f"clipkit-eval: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Pairwise sigmoid loss with learnable scale and bias. Selected by `loss=siglip`.
+
+Published inits (Zhai et al. 2023): scale 10 (log-space log 10) and bias −10; the
+negative bias offsets the B−1 negatives per positive at the start of training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from clipkit import distributed
+from clipkit.losses.functional import siglip_loss_block
+
+
+class SigLipLoss(nn.Module):
+    """Global-batch sigmoid loss: each rank scores its image rows against every gathered text.
+
+    The rank's share is multiplied by the world size so that DeepSpeed's gradient mean
+    equals the single-process gradient of the global loss.
+    """
+
+    needs = "pooled"
+
+    def __init__(self, init_logit_scale: float = 10.0, init_logit_bias: float = -10.0,
+                 max_logit_scale: float = 100.0):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.full([1], math.log(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.full([1], float(init_logit_bias)))
+        self.max_log_scale = math.log(max_logit_scale)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.float().clamp(max=self.max_log_scale).exp()
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """image, text: [b, D] L2-normalized local features -> (rank loss, metrics)."""
+        text_all = distributed.all_gather_with_grad(text)
+        world, offset = distributed.world_size(), distributed.rank() * image.shape[0]
+        share = siglip_loss_block(image, text_all, self.scale(), self.logit_bias.float(), offset)
+        return share * world, {"logit_scale": self.scale().detach(),
+                               "logit_bias": self.logit_bias.detach().float()}
+
+    def open_clip_state(self) -> dict[str, torch.Tensor]:
+        return {"logit_scale": self.logit_scale.detach().float().reshape(()),
+                "logit_bias": self.logit_bias.detach().float().reshape(())}

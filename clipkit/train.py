@@ -1,0 +1,36 @@
+"""`clipkit-train` / `python -m clipkit.train`: compose the Hydra config, build, fit, evaluate.
+
+    clipkit-train experiment=demo_digits                 # the README demo
+    clipkit-train experiment=demo_digits loss=siglip     # same run with the sigmoid loss
+    torchrun --nproc_per_node=2 -m clipkit.train experiment=demo_digits trainer=zero2
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from clipkit.errors import ClipkitConfigError
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Runs one training job from a composed config; returns the final eval metrics."""
+    from clipkit.recipe import run_training  # deferred: keeps config errors fast
+
+    return run_training(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except ClipkitConfigError as err:
+        sys.exit(f"clipkit-train: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Shared fixtures: offline open_clip, CPU DeepSpeed, and one set of real digits shards per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")      # a missing pretrained tag must not retry the network
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """A CLIPKIT_ROOT whose data/digits holds the real digits shards (train 8, test 2)."""
+    from clipkit.data import write_digits_shards
+
+    root = tmp_path_factory.mktemp("clipkit_root")
+    write_digits_shards(root / "data" / "digits")
+    return root
+
+
+def run_cli(args: list[str], root: Path, *, timeout: int = 600, check: bool = True,
+            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs a clipkit command in a fresh process with CLIPKIT_ROOT=root; returns the result."""
+    env = {**os.environ, "CLIPKIT_ROOT": str(root), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def torchrun(nproc: int, module_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", *module_args]
