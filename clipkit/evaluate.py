@@ -14,6 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from clipkit.config import preflight
 from clipkit.errors import ClipkitConfigError
 
 
@@ -56,11 +57,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
     except ClipkitConfigError as err:
         sys.exit(f"clipkit-eval: error: {err}")
+
+
+def main() -> None:
+    preflight("clipkit-eval", "eval", sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ def init_distributed(launcher_cfg: DictConfig) -> distributed.DistInfo:
     return info
 
 
+def build_towers(model_cfg: DictConfig) -> ModelBundle:
+    """`model:` section -> open_clip towers, transforms and tokenizer."""
+    inline = OmegaConf.to_container(model_cfg.config, resolve=True) if model_cfg.config else None
+    return build_model(model_cfg.name, pretrained=model_cfg.pretrained, config=inline)
+
+
 def build_loss(loss_cfg: DictConfig, bundle: ModelBundle) -> torch.nn.Module:
     """Instantiates `loss._target_`; a pretrained checkpoint's temperature/bias take over the inits."""
     kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items() if k != "name"}
@@ -114,8 +120,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         raise ClipkitConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by {world} ranks")
     seed_everything(cfg.seed)
-    bundle = build_model(cfg.model.name, pretrained=cfg.model.pretrained,
-                         config=OmegaConf.to_container(cfg.model.config, resolve=True) if cfg.model.config else None)
+    bundle = build_towers(cfg.model)
     objective = ContrastiveObjective(bundle.model, build_loss(cfg.loss, bundle))
     engine = build_engine(objective, optim_cfg=cfg.optim, sched_cfg=cfg.sched, trainer_cfg=cfg.trainer,
                           global_batch_size=cfg.data.global_batch_size, world_size=world)

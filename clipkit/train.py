@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from clipkit.config import preflight
 from clipkit.errors import ClipkitConfigError
 
 
@@ -25,11 +25,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except ClipkitConfigError as err:
         sys.exit(f"clipkit-train: error: {err}")
+
+
+def main() -> None:
+    preflight("clipkit-train", "train", sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

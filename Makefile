@@ -1,0 +1,33 @@
+# `make demo` and `make test` each set up .venv on first use (Python >= 3.10 as python3).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.clipkit-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test test-slow clean-demo
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~1 min); do it once here.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b.load() if b is not None and b.is_compatible() else None"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Shards sklearn's bundled digits, trains a tiny CLIP under DeepSpeed, prints zero-shot + retrieval.
+# A second `make demo` resumes the finished run and only re-evaluates (`make clean-demo` to retrain).
+demo: setup
+	test -f data/digits/test/nshards.txt || $(BIN)/clipkit-shards digits data/digits
+	$(BIN)/clipkit-train experiment=demo_digits trainer.resume=auto
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+clean-demo:
+	rm -rf outputs/demo_digits-clip outputs/demo_digits-siglip
