@@ -116,9 +116,6 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
 
     info = init_distributed(cfg.launcher)
     world = info.world_size
-    if cfg.data.global_batch_size % world:
-        raise ClipkitConfigError(
-            f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by {world} ranks")
     seed_everything(cfg.seed)
     bundle = build_towers(cfg.model)
     objective = ContrastiveObjective(bundle.model, build_loss(cfg.loss, bundle))

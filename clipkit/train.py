@@ -26,9 +26,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    from clipkit.trainer import NonFiniteLossError
+
     try:
         train(cfg)
-    except ClipkitConfigError as err:
+    except (ClipkitConfigError, NonFiniteLossError) as err:
         sys.exit(f"clipkit-train: error: {err}")
 
 

@@ -138,3 +138,13 @@ def test_bad_input_is_one_line_before_any_worker(digits_root, override, expected
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert lines == [lines[-1]] and lines[-1].startswith("clipkit-train: error: ") and expected in lines[-1]
     assert "DeepSpeed" not in proc.stdout + proc.stderr   # failed before the process group existed
+
+
+def test_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint(digits_root):
+    proc = run_cli([*TRAIN, "debug=fast", "run_name=diverge", "optim.lr=1e30", "sched.warmup_steps=0",
+                    "trainer.grad_clip=0", "trainer.checkpoint_every_n_steps=1"], digits_root, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("clipkit-train: error: loss is") and "the last checkpoint is intact" in last
+    ckpt = digits_root / "outputs" / "diverge" / "checkpoints"
+    assert (ckpt / (ckpt / "latest").read_text()).is_dir()
