@@ -14,7 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from clipkit.config import preflight
+from clipkit.config import CONF_DIR, preflight
 from clipkit.errors import ClipkitConfigError
 
 
@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)

@@ -13,7 +13,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from clipkit.config import preflight
+from clipkit.config import CONF_DIR, preflight
 from clipkit.errors import ClipkitConfigError
 
 
@@ -24,7 +24,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return run_training(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     from clipkit.trainer import NonFiniteLossError
 

@@ -14,6 +14,7 @@ import torch
 from conftest import run_cli, torchrun
 
 TRAIN = [sys.executable, "-m", "clipkit.train"]
+CONSOLE_TRAIN = [str(Path(sys.executable).with_name("clipkit-train"))]   # the installed console script
 FAST = ["debug=fast", "eval.every_n_steps=3"]
 
 
@@ -118,7 +119,7 @@ def test_two_process_other_stages(digits_root, overrides):
 
 
 def test_demo_experiment_with_siglip(digits_root):
-    proc = run_cli([*TRAIN, "experiment=demo_digits", "loss=siglip", *FAST], digits_root)
+    proc = run_cli([*CONSOLE_TRAIN, "experiment=demo_digits", "loss=siglip", *FAST], digits_root)
     run_dir = digits_root / "outputs" / "demo_digits-siglip"
     assert "zeroshot_classification" in proc.stdout
     record = [r for r in metrics(run_dir) if "train/logit_bias" in r][-1]
@@ -133,7 +134,7 @@ def test_demo_experiment_with_siglip(digits_root):
     ("trainer.max_stpes=5", "Could not override 'trainer.max_stpes'"),
 ])
 def test_bad_input_is_one_line_before_any_worker(digits_root, override, expected):
-    proc = run_cli([*TRAIN, "debug=fast", override], digits_root, check=False)
+    proc = run_cli([*CONSOLE_TRAIN, "debug=fast", override], digits_root, check=False)
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert lines == [lines[-1]] and lines[-1].startswith("clipkit-train: error: ") and expected in lines[-1]
