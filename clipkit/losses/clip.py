@@ -1,5 +1,9 @@
 """Softmax InfoNCE with a learnable temperature. Selected by `loss=clip`.
 
+`loss.impl=chunked` (the default, `auto`) runs `clipkit.kernels.chunked_clip_loss`, which
+never holds more than `loss.chunk_size` × B logits; `loss.impl=naive` runs the
+materialized reference in `clipkit.losses.functional`.
+
 The loss owns its log-temperature (init log(1/0.07), clamped at log(100) as in CLIP)
 and gathers features across ranks itself, so swapping losses never touches the model.
 """
@@ -12,7 +16,18 @@ import torch
 from torch import nn
 
 from clipkit import distributed
+from clipkit.kernels import chunked_clip_loss
 from clipkit.losses.functional import clip_loss_block
+
+IMPLS = ("auto", "chunked", "naive")
+
+
+def check_impl(impl: str, chunk_size: int) -> None:
+    """Fails at build time on an unknown `loss.impl` or a non-positive `loss.chunk_size`."""
+    if impl not in IMPLS:
+        raise ValueError(f"loss.impl={impl!r} is not one of {', '.join(IMPLS)}")
+    if chunk_size < 1:
+        raise ValueError(f"loss.chunk_size must be >= 1, got {chunk_size}")
 
 
 class ClipLoss(nn.Module):
@@ -27,8 +42,11 @@ class ClipLoss(nn.Module):
     needs = "pooled"
 
     def __init__(self, init_logit_scale: float = 1 / 0.07, max_logit_scale: float = 100.0,
-                 learn_logit_scale: bool = True):
+                 learn_logit_scale: bool = True, impl: str = "auto", chunk_size: int = 4096):
         super().__init__()
+        check_impl(impl, chunk_size)
+        # `auto` means chunked on every device until a Triton path exists.
+        self.impl, self.chunk_size = ("chunked" if impl == "auto" else impl), chunk_size
         # Shape [1], not 0-dim: DeepSpeed 0.19.8 cannot flatten 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full([1], math.log(init_logit_scale)),
                                         requires_grad=learn_logit_scale)
@@ -43,7 +61,10 @@ class ClipLoss(nn.Module):
         image_all = distributed.all_gather_with_grad(image)
         text_all = distributed.all_gather_with_grad(text)
         world, offset = distributed.world_size(), distributed.rank() * image.shape[0]
-        share = clip_loss_block(image, text, image_all, text_all, self.scale(), offset)
+        if self.impl == "naive":
+            share = clip_loss_block(image, text, image_all, text_all, self.scale(), offset)
+        else:
+            share = chunked_clip_loss(image, text, image_all, text_all, self.scale(), offset, self.chunk_size)
         return share * world, {"logit_scale": self.scale().detach()}
 
     def open_clip_state(self) -> dict[str, torch.Tensor]:

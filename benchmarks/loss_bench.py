@@ -1,0 +1,172 @@
+"""Contrastive-loss fwd+bwd time and peak memory: clipkit chunked vs open_clip vs clipkit naive.
+
+    python benchmarks/loss_bench.py                        # B in 4096 8192 16384, D=512, fp32
+    python benchmarks/loss_bench.py --batch 4096 8192 --reps 3 --out /tmp/bench.json
+    python benchmarks/loss_bench.py --with-32k             # adds B=32768
+
+Every (loss, implementation, B) runs in its own subprocess so that its peak resident
+memory is the loss's own: the kernel's peak-RSS mark is reset once the inputs exist
+(/proc/self/clear_refs), and the reported peak is VmHWM minus the RSS at that point.
+Children run with MALLOC_MMAP_THRESHOLD_=1 MiB so freed blocks go back to the OS. Prints a table
+with ratios to open_clip and writes JSON to `--out`. CPU only for now; the device is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+IMPLS = {
+    "clip": ["open_clip", "naive", "chunked"],
+    "siglip": ["open_clip", "naive", "chunked"],
+}
+
+
+def _loss_fn(kind: str, impl: str, chunk: int):
+    """(image, text, scale, bias) -> scalar loss for one implementation."""
+    if impl == "open_clip":
+        from open_clip.loss import ClipLoss, SigLipLoss
+        if kind == "clip":
+            module = ClipLoss()
+            return lambda i, t, s, b: module(i, t, s)
+        module = SigLipLoss()
+        return lambda i, t, s, b: module(i, t, s, b)
+    if impl == "naive":
+        from clipkit.losses.functional import clip_loss_block, siglip_loss_block
+        if kind == "clip":
+            return lambda i, t, s, b: clip_loss_block(i, t, i, t, s, 0)
+        return lambda i, t, s, b: siglip_loss_block(i, t, s, b, 0)
+    from clipkit.kernels import chunked_clip_loss, chunked_siglip_loss
+    if kind == "clip":
+        return lambda i, t, s, b: chunked_clip_loss(i, t, i, t, s, 0, chunk)
+    return lambda i, t, s, b: chunked_siglip_loss(i, t, s, b, 0, chunk)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss_kib() -> tuple[int, bool]:
+    """Current RSS, with the kernel's peak-RSS mark (VmHWM) reset to it where Linux allows.
+
+    Without the reset the peak would still hold the imports' transient high-water mark,
+    which can hide a small loss entirely. Returns (baseline KiB, whether the reset worked).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS"), True
+    except OSError:
+        return max(_status_kib("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), False
+
+
+def measure(kind: str, impl: str, batch: int, dim: int, chunk: int, reps: int) -> dict:
+    """Runs in the child: median fwd+bwd seconds and peak RSS growth over the inputs."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
+    scale = torch.tensor(14.3, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    fn = _loss_fn(kind, impl, chunk)
+    base_kib, exact = reset_peak_rss_kib()
+    times = []
+    for _ in range(reps + 1):  # the first run warms up and is dropped
+        image.grad = text.grad = scale.grad = bias.grad = None
+        start = time.perf_counter()
+        fn(image, text, scale, bias).backward()
+        times.append(time.perf_counter() - start)
+    peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": kind, "impl": impl, "batch": batch, "dim": dim, "chunk": chunk if impl == "chunked" else None,
+            "median_s": statistics.median(times[1:]), "times_s": times[1:],
+            "peak_mb": (peak_kib - base_kib) / 1024, "peak_reset": exact}
+
+
+def run_child(kind: str, impl: str, batch: int, dim: int, chunk: int, reps: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, impl, str(batch), str(dim), str(chunk), str(reps),
+           "--threads", str(threads)]
+    # A fixed mmap threshold keeps glibc from parking freed large blocks in a fragmented
+    # heap (its default raises the threshold to 32 MB), so RSS tracks live tensors for all.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def device_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu}"
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'loss':7} {'B':>6} {'impl':10} {'chunk':>6} {'fwd+bwd s':>10} {'peak MB':>9} "
+          f"{'time/oc':>8} {'mem/oc':>8}")
+    for r in rows:
+        print(f"{r['kind']:7} {r['batch']:>6} {r['impl']:10} {str(r['chunk'] or '-'):>6} {r['median_s']:>10.3f} "
+              f"{r['peak_mb']:>9.1f} {r['time_vs_open_clip']:>8.3f} {r['mem_vs_open_clip']:>8.3f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--with-32k", action="store_true", help="also run B=32768")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--chunk", type=int, nargs="+", default=[1024], help="chunk sizes for the chunked path")
+    p.add_argument("--kinds", nargs="+", default=["clip", "siglip"], choices=sorted(IMPLS))
+    p.add_argument("--impls", nargs="+", default=None, help="subset of open_clip naive chunked")
+    p.add_argument("--reps", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the children (0 = torch default)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "loss_bench_cpu.json"))
+    p.add_argument("--child", nargs=6, metavar=("KIND", "IMPL", "B", "D", "CHUNK", "REPS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        import torch
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        kind, impl, *nums = args.child
+        print(json.dumps(measure(kind, impl, *map(int, nums))))
+        return
+
+    batches = sorted(set(args.batch + ([32768] if args.with_32k else [])))
+    print(f"device: {device_name()}; D={args.dim}, fp32, median of {args.reps} after 1 warm-up", flush=True)
+    rows = []
+    for kind in args.kinds:
+        for batch in batches:
+            group = []
+            for impl in args.impls or IMPLS[kind]:
+                for chunk in (args.chunk if impl == "chunked" else [0]):
+                    r = run_child(kind, impl, batch, args.dim, chunk, args.reps, args.threads)
+                    print(f"  {kind} B={batch} {impl} chunk={r['chunk']}: {r['median_s']:.3f} s, "
+                          f"{r['peak_mb']:.1f} MB", flush=True)
+                    group.append(r)
+            ref = next((r for r in group if r["impl"] == "open_clip"), None)
+            for r in group:
+                r["time_vs_open_clip"] = r["median_s"] / ref["median_s"] if ref else float("nan")
+                r["mem_vs_open_clip"] = r["peak_mb"] / ref["peak_mb"] if ref else float("nan")
+            rows += group
+    print_table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device_name(), "dim": args.dim, "dtype": "float32", "reps": args.reps,
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
