@@ -2,7 +2,9 @@
 
 Scores a clipkit run directory (its latest checkpoint, exported to open_clip format on the
 way) or any open_clip model plus local weights. Writes one CLIP_benchmark JSON per
-(set, task) and `summary.md` into `out_dir`.
+(set, task), plus `summary.csv` and `summary.md` (rows per model, dataset, task) into `out_dir`.
+
+    clipkit-eval run_dir=outputs/demo_digits-clip eval.search.index=hnsw eval.cache_dir=outputs/emb_cache
 """
 
 from __future__ import annotations
@@ -26,8 +28,26 @@ def load_open_clip(model_name: str, pretrained: str | None, device: torch.device
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
+def checkpoint_tag(run_dir: str | None, pretrained: str | None) -> str:
+    """Names the weights being scored, for the embedding cache key: the run's latest
+    checkpoint step, or the weights file's name and modification time."""
+    if run_dir is not None:
+        latest = Path(run_dir) / "checkpoints" / "latest"
+        return latest.read_text().strip() if latest.exists() else "latest"
+    path = Path(str(pretrained))
+    return f"{path.name}-{path.stat().st_mtime_ns}" if pretrained and path.is_file() else str(pretrained)
+
+
+def search_config(eval_cfg: DictConfig):
+    """`eval.search` (optional in older configs) -> SearchConfig."""
+    from clipkit.eval.runner import SearchConfig
+
+    return SearchConfig(**dict(eval_cfg.get("search") or {}))
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from clipkit.checkpoint import export_open_clip
+    from clipkit.eval.runner import write_summary
     from clipkit.eval.suite import EvalSuite, build_eval_specs
     from clipkit.objective import ContrastiveObjective
 
@@ -48,11 +68,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     model, preprocess, tokenizer = load_open_clip(model_name, pretrained, device)
     suite = EvalSuite(specs, preprocess=preprocess, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
-                      out_dir=Path(cfg.out_dir), model_name=label, pretrained=str(pretrained or label))
-    metrics = suite.run(ContrastiveObjective(model, loss=None), device=device)
-    table = suite.results_table()
-    (Path(cfg.out_dir) / "summary.md").write_text(f"# {label}\n\n```\n{table}\n```\n")
-    print(table, flush=True)
+                      out_dir=Path(cfg.out_dir), model_name=label, pretrained=str(pretrained or label),
+                      search=search_config(cfg.eval), cache_dir=cfg.eval.get("cache_dir"))
+    metrics = suite.run(ContrastiveObjective(model, loss=None), device=device,
+                        tag=checkpoint_tag(cfg.run_dir, pretrained))
+    write_summary(cfg.out_dir, label, suite.last_results)
+    print(suite.results_table(), flush=True)
     return metrics
 
 

@@ -148,7 +148,8 @@ def test_evaluate_embedded_known_answers() -> None:
     assert res["zeroshot_classification"]["acc1"] == pytest.approx(39 / 40)
     assert res["zeroshot_classification"]["acc5"] == 1.0  # 5 classes: top-5 is everything
     # Captions are near-copies of their image, so both directions are perfect at k=1.
-    assert res["retrieval"] == {f"{d}_retrieval_recall@{k}": 1.0 for k in (1, 5, 10) for d in ("image", "text")}
+    assert res["retrieval"] == {**{f"{d}_retrieval_recall@{k}": 1.0 for k in (1, 5, 10) for d in ("image", "text")},
+                                **{f"{d}_retrieval_{s}_rank": 1.0 for s in ("mean", "median") for d in ("image", "text")}}
 
 
 def test_evaluate_embedded_rejects_unusable_tasks() -> None:
