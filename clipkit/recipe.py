@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -78,7 +79,13 @@ def build_loss(loss_cfg: DictConfig, bundle: ModelBundle) -> torch.nn.Module:
         kwargs["init_logit_scale"] = float(np.exp(bundle.pretrained_logit_scale))
     if bundle.pretrained_logit_bias is not None and "init_logit_bias" in kwargs:
         kwargs["init_logit_bias"] = bundle.pretrained_logit_bias
-    loss = instantiate(kwargs)
+    try:
+        loss = instantiate(kwargs)
+    except InstantiationException as err:
+        # Hydra wraps constructor errors; a bad `loss.*` value should stay a one-line config error.
+        if isinstance(err.__cause__, ClipkitConfigError):
+            raise err.__cause__ from None
+        raise
     if getattr(loss, "needs", "pooled") != "pooled":
         raise ClipkitConfigError(f"loss={loss_cfg.name} needs {loss.needs} features; model={bundle.name} "
                                  f"gives pooled features only")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from clipkit import distributed
+from clipkit.errors import ClipkitConfigError
 from clipkit.kernels import chunked_clip_loss
 from clipkit.losses.functional import clip_loss_block
 
@@ -25,9 +26,9 @@ IMPLS = ("auto", "chunked", "naive")
 def check_impl(impl: str, chunk_size: int) -> None:
     """Fails at build time on an unknown `loss.impl` or a non-positive `loss.chunk_size`."""
     if impl not in IMPLS:
-        raise ValueError(f"loss.impl={impl!r} is not one of {', '.join(IMPLS)}")
+        raise ClipkitConfigError(f"loss.impl={impl!r} is not one of {', '.join(IMPLS)}")
     if chunk_size < 1:
-        raise ValueError(f"loss.chunk_size must be >= 1, got {chunk_size}")
+        raise ClipkitConfigError(f"loss.chunk_size must be >= 1, got {chunk_size}")
 
 
 class ClipLoss(nn.Module):
