@@ -44,10 +44,10 @@ def _loss_fn(kind: str, impl: str, chunk: int):
         if kind == "clip":
             return lambda i, t, s, b: clip_loss_block(i, t, i, t, s, 0)
         return lambda i, t, s, b: siglip_loss_block(i, t, s, b, 0)
-    from clipkit.kernels import chunked_clip_loss, chunked_siglip_loss
+    from clipkit.losses.fused import fused_clip_loss, fused_siglip_loss
     if kind == "clip":
-        return lambda i, t, s, b: chunked_clip_loss(i, t, i, t, s, 0, chunk)
-    return lambda i, t, s, b: chunked_siglip_loss(i, t, s, b, 0, chunk)
+        return lambda i, t, s, b: fused_clip_loss(i, t, s, impl=impl, chunk=chunk)
+    return lambda i, t, s, b: fused_siglip_loss(i, t, s, b, impl=impl, chunk=chunk)
 
 
 def _status_kib(field: str) -> int:

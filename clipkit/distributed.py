@@ -79,13 +79,42 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] per rank -> [W*b, ...] in rank order, no autograd. `x` itself on 1 process."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return x.detach()
+    out = torch.empty((dist.get_world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.detach().contiguous())
+    return out
+
+
+def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (`op` is "sum" or "max"); returns `x`. No-op on 1 process."""
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return x
+
+
+def reduce_scatter_rows(x: torch.Tensor) -> torch.Tensor:
+    """[W*b, ...] per rank -> [b, ...]: this rank's rows of the sum over ranks. `x` on 1 process.
+
+    Half the traffic of all_reduce + slice: each rank receives only its own rows.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return x
+    ws = dist.get_world_size()
+    out = torch.empty((x.shape[0] // ws, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x.contiguous())
+    return out
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenates equal-shape [b, ...] tensors from every rank into [W*b, ...].
 
     Backward sums the incoming gradient over ranks and returns this rank's rows, so a
     loss computed from the gathered tensor on each rank sends every rank the full
-    gradient for its own rows. all_reduce + slice (rather than reduce_scatter) keeps
-    it working on gloo, which has no reduce_scatter.
+    gradient for its own rows. This is the naive reference path's gather; the fused
+    losses gather without autograd and reduce-scatter their own gradients instead.
     """
 
     @staticmethod

@@ -1,56 +1,38 @@
-"""Exact contrastive losses that never hold more than a (chunk × B) block of logits.
+"""Block primitives of the exact contrastive losses, looping over row chunks in PyTorch.
 
-Drop-in replacements for `clip_loss_block` / `siglip_loss_block` (same arguments plus
-`chunk`, same value, same gradients for every input) built from custom
-`torch.autograd.Function`s that loop over row blocks. Selected by `loss.impl=chunked`
-(or `auto`) in `conf/loss/{clip,siglip}.yaml`.
+A "block" is the rows of the global [B, B] logits matrix l = s·q·kᵀ (+β) that one rank
+owns: q [b, D] are its rows (local image features), k [B, D] every column (the gathered
+text features), and row i's positive is column i + row_offset. `clipkit.losses.fused`
+turns these into autograd Functions and adds the collectives; `clipkit.kernels.
+triton_contrastive` implements the same three functions with the same contract on GPU.
+Selected by `loss.impl=chunked` (or `auto` where Triton is unavailable).
 
-Cost, counted in B×B×D-sized matmuls (b×B×D for a block of b rows):
-  * CLIP, one process (rows are the whole batch): 4. Pass 1 (forward) forms the logits once
-    and keeps per-row log-sum-exp plus a running per-column max/sum (online softmax over
-    row blocks); pass 2 (backward) recomputes each block, forms the gradient block G and
-    does dQ = G·K and dK += Gᵀ·Q. open_clip's ClipLoss does 6 (it builds both I·Tᵀ and T·Iᵀ).
-    d(scale) = ⟨G, Q·Kᵀ⟩ is taken as Σ_i q_i·(G·K)_i from the unscaled dQ, an O(B·D)
-    product, so it costs no matmul and no extra pass over the [c, B] blocks.
-  * CLIP, a block of b < B rows (one rank of many): 6·b·B·D. The two directions are
-    different matrices (image_rows·text_allᵀ and text_rows·image_allᵀ), and each row block
-    holds whole rows, so each direction's softmax and gradient are complete inside one
-    pass: logits, dQ, dK, all in the forward.
-  * SigLIP: 3 (logits, dQ, dK) in a single forward pass; every pair's loss and gradient
-    is local, so there is nothing to recompute.
-Where gradients are formed in the forward they are stored ([b, D] + [B, D], the size of
-the inputs) and backward only scales them by the incoming gradient.
+Cost, in b×B×D matmuls, and memory: never more than a few (chunk × B) float32 blocks.
+  * `infonce_block_stats`: 1 (the logits, once). Row log-sum-exp is final inside a chunk
+    (each chunk holds whole rows); column statistics are an online max/sum down the rows.
+  * `infonce_block_grads`: 3 (recompute the logits, G·k, Gᵀ·q). With the stats pass that
+    is the 4-matmul exact symmetric InfoNCE; open_clip's ClipLoss does 6 (it builds both
+    I·Tᵀ and T·Iᵀ) and Inf-CL about 10.
+  * `sigmoid_block`: 3 (logits, G·k, Gᵀ·q) in one pass: each pair's loss and gradient is
+    local, so there is nothing to recompute.
 
-Dtypes: logits, statistics and gradient accumulators use float32 for float32/bf16/fp16
-inputs (float64 for float64); input gradients come back in the inputs' dtypes.
-This module imports nothing from clipkit.
+Dtypes: logits, statistics and gradients are float32 for float32/bf16/fp16 inputs (float64
+for float64). This module imports nothing from clipkit and has no autograd.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bf16/fp32 inputs, float64 for float64: the logits' accumulation type."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _as_scalar(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _scalar(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value.detach().reshape(()).to(dtype)
-
-
-def _no_autocast(fn):
-    """Runs a forward/backward with autocast off: under an outer autocast the matmuls would
-    otherwise produce bf16/fp16 logits, and the statistics must accumulate in fp32."""
-    @functools.wraps(fn)
-    def wrapped(ctx, first: torch.Tensor, *args):
-        with torch.autocast(first.device.type, enabled=False):
-            return fn(ctx, first, *args)
-    return wrapped
 
 
 def _chunks(n: int, chunk: int):
@@ -60,216 +42,117 @@ def _chunks(n: int, chunk: int):
         yield start, min(start + chunk, n)
 
 
-class _RowInfoNCE(torch.autograd.Function):
-    """Σ_i [logsumexp_j(s·q_i·k_j) − s·q_i·k_{i+offset}] over the rows of `q` (one direction).
-
-    Forward does 3 b×B×D matmuls (logits, dQ, dK) when gradients are needed, 1 otherwise.
-    """
-
-    @staticmethod
-    @_no_autocast
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row_offset: int, chunk: int):
-        cdt = _compute_dtype(q)
-        s = _as_scalar(scale, cdt)
-        kc = k.detach().to(cdt)
-        need_q, need_k, need_s = ctx.needs_input_grad[:3]
-        total = torch.zeros((), dtype=cdt, device=q.device)
-        dq = torch.empty(q.shape, dtype=cdt, device=q.device) if (need_q or need_s) else None
-        dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_k else None
-        for lo, hi in _chunks(q.shape[0], chunk):
-            qc = q[lo:hi].detach().to(cdt)
-            # Scaling the [c, D] rows rather than the [c, B] logits saves a pass over the block.
-            logits = (qc * s) @ kc.T  # fp32 accumulation even for bf16 inputs
-            lse = torch.logsumexp(logits, dim=1)
-            # Row r of this block is global row lo + offset + r: its positive is that column.
-            total += lse.sum() - logits.diagonal(lo + row_offset).sum()
-            if dq is None and dk is None:
-                continue
-            # d(row loss)/d(logits) = softmax − onehot; each block holds whole rows, so the
-            # row's normalizer is already final and the gradient is exact here.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.diagonal(lo + row_offset).sub_(1.0)
-            if dq is not None:
-                torch.mm(grad, kc, out=dq[lo:hi])
-            if dk is not None:
-                dk.addmm_(grad.T, qc)
-        # d/ds = ⟨G, Q·Kᵀ⟩ = Σ_i q_i·(G·K)_i: an O(b·D) product with the unscaled dQ,
-        # instead of another pass over every [c, B] block.
-        ds = (dq * q.detach().to(cdt)).sum() if need_s else None
-        ctx.save_for_backward(dq.mul_(s) if need_q else None, dk.mul_(s) if need_k else None, ds)
-        ctx.dtypes = (q.dtype, k.dtype, scale.dtype, scale.shape)
-        return total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        dq, dk, ds = ctx.saved_tensors
-        q_dtype, k_dtype, s_dtype, s_shape = ctx.dtypes
-        g = grad_out.detach()
-        return (None if dq is None else (dq * g.to(dq.dtype)).to(q_dtype),
-                None if dk is None else (dk * g.to(dk.dtype)).to(k_dtype),
-                None if ds is None else (ds * g.to(ds.dtype)).reshape(s_shape).to(s_dtype),
-                None, None)
+def _positive_columns(logits: torch.Tensor, first_row: int) -> torch.Tensor:
+    """The diagonal view l[r, first_row + r] of a [c, B] chunk (row r's positive)."""
+    return logits.diagonal(first_row)
 
 
-class _SymmetricInfoNCE(torch.autograd.Function):
-    """Σ_i lse_row_i + Σ_j lse_col_j − 2·Σ_i s·I_i·T_i of the [B, B] logits s·I·Tᵀ.
-
-    The single-process CLIP loss times 2B. Column i of s·I·Tᵀ is row i of s·T·Iᵀ, so the
-    text→image normalizers are column statistics of the one matrix: 1 matmul forward,
-    3 backward.
-    """
-
-    @staticmethod
-    @_no_autocast
-    def forward(ctx, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, chunk: int):
-        cdt = _compute_dtype(image)
-        s = _as_scalar(scale, cdt)
-        tc = text.detach().to(cdt)
-        n = image.shape[0]
-        row_lse = torch.empty(n, dtype=cdt, device=image.device)
-        col_max = torch.full((n,), float("-inf"), dtype=cdt, device=image.device)
-        col_sum = torch.zeros(n, dtype=cdt, device=image.device)
-        positives = torch.zeros((), dtype=cdt, device=image.device)
-        for lo, hi in _chunks(n, chunk):
-            logits = (image[lo:hi].detach().to(cdt) * s) @ tc.T
-            row_lse[lo:hi] = torch.logsumexp(logits, dim=1)
-            positives += logits.diagonal(lo).sum()
-            # Online softmax down the columns: rescale the running sum to the new max.
-            new_max = torch.maximum(col_max, logits.amax(dim=0))
-            col_sum.mul_(torch.exp(col_max - new_max)).add_(logits.sub_(new_max).exp_().sum(dim=0))
-            col_max = new_max
-        col_lse = col_max + col_sum.log()
-        ctx.save_for_backward(image, text, scale, row_lse, col_lse)
-        ctx.chunk = chunk
-        return row_lse.sum() + col_lse.sum() - 2 * positives
-
-    @staticmethod
-    @once_differentiable
-    @_no_autocast
-    def backward(ctx, grad_out: torch.Tensor):
-        image, text, scale, row_lse, col_lse = ctx.saved_tensors
-        need_i, need_t, need_s = ctx.needs_input_grad[:3]
-        cdt = row_lse.dtype
-        s = _as_scalar(scale, cdt)
-        ic_all, tc = image.to(cdt), text.to(cdt)
-        n = image.shape[0]
-        di = torch.empty(ic_all.shape, dtype=cdt, device=image.device) if (need_i or need_s) else None
-        dt = torch.zeros(tc.shape, dtype=cdt, device=image.device) if need_t else None
-        for lo, hi in _chunks(n, ctx.chunk):
-            ic = ic_all[lo:hi]
-            logits = (ic * s) @ tc.T
-            # dLoss/dlogits = row softmax + column softmax − 2·I (both directions' targets
-            # sit on the diagonal).
-            grad = torch.sub(logits, row_lse[lo:hi, None]).exp_()
-            grad += logits.sub_(col_lse[None, :]).exp_()
-            del logits
-            grad.diagonal(lo).sub_(2.0)
-            if di is not None:
-                torch.mm(grad, tc, out=di[lo:hi])
-            if dt is not None:
-                dt.addmm_(grad.T, ic)
-        g = grad_out.detach().to(cdt)
-        # d/ds = ⟨G, I·Tᵀ⟩ = Σ_i I_i·(G·T)_i, from the unscaled dI (no extra pass over G).
-        ds = (di * ic_all).sum() * g if need_s else None
-        return (di.mul_(s * g).to(image.dtype) if need_i else None,
-                dt.mul_(s * g).to(text.dtype) if need_t else None,
-                ds.reshape(scale.shape).to(scale.dtype) if need_s else None,
-                None)
-
-
-class _SigmoidPairs(torch.autograd.Function):
-    """Σ_ij −log σ(y_ij·(s·q_i·k_j + β)), y = +1 at j = i + offset, −1 elsewhere.
-
-    Forward does 3 b×B×D matmuls (logits, dQ, dK) when gradients are needed, 1 otherwise.
-    """
-
-    @staticmethod
-    @_no_autocast
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                row_offset: int, chunk: int):
-        cdt = _compute_dtype(q)
-        s, beta = _as_scalar(scale, cdt), _as_scalar(bias, cdt)
-        kc = k.detach().to(cdt)
-        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
-        total = torch.zeros((), dtype=cdt, device=q.device)
-        dq = torch.empty(q.shape, dtype=cdt, device=q.device) if (need_q or need_s) else None
-        dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_k else None
-        db = torch.zeros((), dtype=cdt, device=q.device)
-        for lo, hi in _chunks(q.shape[0], chunk):
-            qc = q[lo:hi].detach().to(cdt)
-            logits = torch.addmm(beta, qc * s, kc.T)  # bias added in the GEMM's output pass
-            # −log σ(−l) = softplus(l) for negatives; positives get −log σ(l) = softplus(−l).
-            # Swap the diagonal's term instead of computing softplus(l) − l, which cancels.
-            pos = logits.diagonal(lo + row_offset)
-            total += F.softplus(logits).sum() - F.softplus(pos).sum() + F.softplus(-pos).sum()
-            if dq is None and dk is None and not need_b:
-                continue
-            # d/dl of softplus(l) is σ(l); of softplus(−l) is σ(l) − 1.
-            grad = logits.sigmoid_()
-            grad.diagonal(lo + row_offset).sub_(1.0)
-            if need_b:
-                db += grad.sum()
-            if dq is not None:
-                torch.mm(grad, kc, out=dq[lo:hi])
-            if dk is not None:
-                dk.addmm_(grad.T, qc)
-        # d/ds = ⟨G, Q·Kᵀ⟩ = Σ_i q_i·(G·K)_i, from the unscaled dQ.
-        ds = (dq * q.detach().to(cdt)).sum() if need_s else None
-        ctx.save_for_backward(dq.mul_(s) if need_q else None, dk.mul_(s) if need_k else None, ds, db)
-        ctx.dtypes = (q.dtype, k.dtype, scale.dtype, scale.shape, bias.dtype, bias.shape)
-        return total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        dq, dk, ds, db = ctx.saved_tensors
-        q_dtype, k_dtype, s_dtype, s_shape, b_dtype, b_shape = ctx.dtypes
-        g = grad_out.detach()
-        return (None if dq is None else (dq * g.to(dq.dtype)).to(q_dtype),
-                None if dk is None else (dk * g.to(dk.dtype)).to(k_dtype),
-                None if ds is None else (ds * g.to(ds.dtype)).reshape(s_shape).to(s_dtype),
-                (db * g.to(db.dtype)).reshape(b_shape).to(b_dtype) if ctx.needs_input_grad[3] else None,
-                None, None)
-
-
-def chunked_clip_loss(image_rows: torch.Tensor, text_rows: torch.Tensor, image_all: torch.Tensor,
-                      text_all: torch.Tensor, logit_scale: torch.Tensor, row_offset: int,
-                      chunk: int = 4096) -> torch.Tensor:
-    """`clip_loss_block` without the [b, B] logits: the same value and gradients.
+@torch.no_grad()
+def infonce_block_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row_offset: int,
+                        chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax statistics of this block's logits l = s·q·kᵀ, in both directions.
 
     Args:
-        image_rows, text_rows: [b, D], rows `row_offset : row_offset + b` of the global batch.
-        image_all, text_all: [B, D], the whole global batch (the block's rows included).
-        logit_scale: scalar or [1]; the multiplier s (already exponentiated).
-        row_offset: index of this block's first row in the global batch.
-        chunk: rows per block; peak extra memory is a few (chunk × B) float32 matrices.
-    Returns: 0-dim float32 (float64 for float64 inputs); summed over all blocks it equals
-        the symmetric InfoNCE of the global batch.
-
-    When the rows are the whole batch (`image_rows is image_all and text_rows is text_all`,
-    as on one process) the fused 4-matmul two-pass scheme runs; otherwise each direction
-    runs its own single pass (6·b·B·D in all).
+        q: [b, D] this block's rows. k: [B, D] every column. scale: 0-dim or [1], s.
+        row_offset: row i's positive is column i + row_offset.
+        chunk: rows per chunk; extra memory is about 2 × chunk × B floats.
+    Returns:
+        row_lse [b] (logsumexp_j l_ij), col_max [B] (max_i l_ij), col_sumexp [B]
+        (Σ_i exp(l_ij − col_max_j)), positive_sum 0-dim (Σ_i l_{i, i+row_offset}).
     """
-    big_b = image_all.shape[0]
-    if image_rows is image_all and text_rows is text_all and row_offset == 0:
-        return _SymmetricInfoNCE.apply(image_all, text_all, logit_scale, chunk) / (2 * big_b)
-    image_to_text = _RowInfoNCE.apply(image_rows, text_all, logit_scale, row_offset, chunk)
-    text_to_image = _RowInfoNCE.apply(text_rows, image_all, logit_scale, row_offset, chunk)
-    return (image_to_text + text_to_image) / (2 * big_b)
+    cdt = compute_dtype(q)
+    s = _scalar(scale, cdt)
+    kc = k.to(cdt)
+    b, big_b = q.shape[0], k.shape[0]
+    row_lse = torch.empty(b, dtype=cdt, device=q.device)
+    col_max = torch.full((big_b,), float("-inf"), dtype=cdt, device=q.device)
+    col_sum = torch.zeros(big_b, dtype=cdt, device=q.device)
+    positives = torch.zeros((), dtype=cdt, device=q.device)
+    for lo, hi in _chunks(b, chunk):
+        # Scaling the [c, D] rows rather than the [c, B] logits saves a pass over the block;
+        # fp32 accumulation even for bf16 inputs.
+        logits = (q[lo:hi].to(cdt) * s) @ kc.T
+        row_lse[lo:hi] = torch.logsumexp(logits, dim=1)
+        positives += _positive_columns(logits, lo + row_offset).sum()
+        # Online softmax down the columns: rescale the running sum to the new max.
+        new_max = torch.maximum(col_max, logits.amax(dim=0))
+        col_sum.mul_(torch.exp(col_max - new_max)).add_(logits.sub_(new_max).exp_().sum(dim=0))
+        col_max = new_max
+    return row_lse, col_max, col_sum, positives
 
 
-def chunked_siglip_loss(image_rows: torch.Tensor, text_all: torch.Tensor, logit_scale: torch.Tensor,
-                        logit_bias: torch.Tensor, row_offset: int, chunk: int = 4096) -> torch.Tensor:
-    """`siglip_loss_block` without the [b, B] logits: the same value and gradients.
+@torch.no_grad()
+def infonce_block_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row_offset: int,
+                        row_lse: torch.Tensor, col_lse: torch.Tensor, chunk: int = 4096, *,
+                        need_q: bool = True, need_k: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Unscaled gradients of the symmetric InfoNCE sum for this block.
+
+    G_ij = exp(l_ij − row_lse_i) + exp(l_ij − col_lse_j) − 2·[j = i + row_offset] is
+    d(Σ row losses + Σ column losses)/d l_ij, with the *global* column log-sum-exp.
 
     Args:
-        image_rows: [b, D], rows `row_offset : row_offset + b` of the global batch.
-        text_all: [B, D].
-        logit_scale, logit_bias: scalar or [1]; s (already exponentiated) and β.
-        chunk: rows per block.
-    Returns: 0-dim float32 (float64 for float64 inputs), −Σ log σ(y·(s·I·Tᵀ + β)) / B over
-        this block's rows.
+        q [b, D], k [B, D], scale, row_offset, chunk: as in `infonce_block_stats`.
+        row_lse: [b] from the stats pass. col_lse: [B], col_max + log(col_sumexp) merged
+            over every block of the global batch.
+    Returns:
+        dq = G·k [b, D] and dk = Gᵀ·q [B, D] (None where not needed), NOT multiplied by s.
     """
-    total = _SigmoidPairs.apply(image_rows, text_all, logit_scale, logit_bias, row_offset, chunk)
-    return total / text_all.shape[0]
+    cdt = compute_dtype(q)
+    s = _scalar(scale, cdt)
+    kc = k.to(cdt)
+    row_lse, col_lse = row_lse.to(cdt), col_lse.to(cdt)
+    dq = torch.empty(q.shape, dtype=cdt, device=q.device) if need_q else None
+    dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_k else None
+    if not (need_q or need_k):
+        return dq, dk
+    for lo, hi in _chunks(q.shape[0], chunk):
+        qc = q[lo:hi].to(cdt)
+        logits = (qc * s) @ kc.T
+        grad = torch.sub(logits, row_lse[lo:hi, None]).exp_()
+        grad += logits.sub_(col_lse[None, :]).exp_()
+        del logits
+        # Both directions' targets sit on the same entries (image i ↔ text i).
+        _positive_columns(grad, lo + row_offset).sub_(2.0)
+        if dq is not None:
+            torch.mm(grad, kc, out=dq[lo:hi])
+        if dk is not None:
+            dk.addmm_(grad.T, qc)
+    return dq, dk
+
+
+@torch.no_grad()
+def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, row_offset: int,
+                  chunk: int = 4096, *, need_grads: bool = True):
+    """The pairwise sigmoid loss of this block and its unscaled gradients, in one pass.
+
+    l = s·q·kᵀ + β; y_ij = +1 at j = i + row_offset, −1 elsewhere.
+
+    Args:
+        q [b, D], k [B, D], scale, row_offset, chunk: as in `infonce_block_stats`; bias: β.
+    Returns:
+        loss_sum 0-dim (Σ_ij softplus(−y_ij·l_ij)); with need_grads also dq = G·k [b, D],
+        dk = Gᵀ·q [B, D] and grad_sum = Σ_ij G_ij (the bias gradient), where
+        G_ij = σ(l_ij) − [y_ij = +1]; otherwise those three are None.
+    """
+    cdt = compute_dtype(q)
+    s, beta = _scalar(scale, cdt), _scalar(bias, cdt)
+    kc = k.to(cdt)
+    total = torch.zeros((), dtype=cdt, device=q.device)
+    dq = torch.empty(q.shape, dtype=cdt, device=q.device) if need_grads else None
+    dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_grads else None
+    grad_sum = torch.zeros((), dtype=cdt, device=q.device) if need_grads else None
+    for lo, hi in _chunks(q.shape[0], chunk):
+        qc = q[lo:hi].to(cdt)
+        logits = torch.addmm(beta, qc * s, kc.T)  # bias added in the GEMM's output pass
+        # Negatives cost softplus(l), positives softplus(−l): swap the diagonal's term
+        # rather than computing softplus(l) − l, which cancels catastrophically.
+        pos = _positive_columns(logits, lo + row_offset)
+        total += F.softplus(logits).sum() - F.softplus(pos).sum() + F.softplus(-pos).sum()
+        if not need_grads:
+            continue
+        grad = logits.sigmoid_()
+        _positive_columns(grad, lo + row_offset).sub_(1.0)
+        grad_sum += grad.sum()
+        torch.mm(grad, kc, out=dq[lo:hi])
+        dk.addmm_(grad.T, qc)
+    return total, dq, dk, grad_sum

@@ -2,22 +2,22 @@
 
 Published inits (Zhai et al. 2023): scale 10 (log-space log 10) and bias −10; the
 negative bias offsets the B−1 negatives per positive at the start of training.
-`loss.impl=chunked` (the default, `auto`) runs `clipkit.kernels.chunked_siglip_loss`
-(never more than `loss.chunk_size` × B logits); `loss.impl=naive` the materialized reference.
+`loss.impl=auto|chunked|triton` runs `clipkit.losses.fused` (never more than
+`loss.chunk_size` × B logits; text gradients reduce-scattered); `loss.impl=naive` the
+materialized reference with a differentiable all-gather.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from torch import nn
 
 from clipkit import distributed
-from clipkit.kernels import chunked_siglip_loss
 from clipkit.losses.clip import check_impl
 from clipkit.losses.functional import siglip_loss_block
+from clipkit.losses.fused import fused_siglip_loss
 
 
 class SigLipLoss(nn.Module):
@@ -33,7 +33,7 @@ class SigLipLoss(nn.Module):
                  max_logit_scale: float = 100.0, impl: str = "auto", chunk_size: int = 4096):
         super().__init__()
         check_impl(impl, chunk_size)
-        self.impl, self.chunk_size = ("chunked" if impl == "auto" else impl), chunk_size
+        self.impl, self.chunk_size = impl, chunk_size
         self.logit_scale = nn.Parameter(torch.full([1], math.log(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.full([1], float(init_logit_bias)))
         self.max_log_scale = math.log(max_logit_scale)
@@ -43,11 +43,14 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """image, text: [b, D] L2-normalized local features -> (rank loss, metrics)."""
-        text_all = distributed.all_gather_with_grad(text)
-        world, offset = distributed.world_size(), distributed.rank() * image.shape[0]
-        block = siglip_loss_block if self.impl == "naive" else partial(chunked_siglip_loss, chunk=self.chunk_size)
-        share = block(image, text_all, self.scale(), self.logit_bias.float(), offset)
-        return share * world, {"logit_scale": self.scale().detach(),
+        if self.impl == "naive":
+            text_all = distributed.all_gather_with_grad(text)
+            world, offset = distributed.world_size(), distributed.rank() * image.shape[0]
+            loss = siglip_loss_block(image, text_all, self.scale(), self.logit_bias.float(), offset) * world
+        else:
+            loss = fused_siglip_loss(image, text, self.scale(), self.logit_bias.float(),
+                                     impl=self.impl, chunk=self.chunk_size)
+        return loss, {"logit_scale": self.scale().detach(),
                                "logit_bias": self.logit_bias.detach().float()}
 
     def open_clip_state(self) -> dict[str, torch.Tensor]:
