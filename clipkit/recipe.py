@@ -86,9 +86,9 @@ def build_loss(loss_cfg: DictConfig, bundle: ModelBundle) -> torch.nn.Module:
         if isinstance(err.__cause__, ClipkitConfigError):
             raise err.__cause__ from None
         raise
-    if getattr(loss, "needs", "pooled") != "pooled":
-        raise ClipkitConfigError(f"loss={loss_cfg.name} needs {loss.needs} features; model={bundle.name} "
-                                 f"gives pooled features only")
+    if tuple(loss.needs) != ("image", "text"):
+        raise ClipkitConfigError(f"loss={loss_cfg.name} needs {', '.join(loss.needs)}; model={bundle.name} "
+                                 f"gives pooled image and text features only")
     return loss
 
 

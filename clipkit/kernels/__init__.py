@@ -1,8 +1,12 @@
-"""Loss kernels: block primitives with one contract, in PyTorch chunks (`chunked_contrastive`)
-and in Triton (`triton_contrastive`). No config, no autograd, no collectives and no clipkit
-imports here; `clipkit.losses.fused` builds the autograd Functions on top.
+"""Loss kernels with no config, no collectives and no clipkit imports.
+
+`chunked_contrastive` (PyTorch) and `triton_contrastive` (GPU) implement the same block
+primitives of the CLIP/SigLIP/distillation losses (plain forward computations; autograd
+and collectives live in `clipkit.losses.fused`). `late_interaction` is FILIP's tiled
+token-wise similarity as an autograd Function.
 """
 
-from clipkit.kernels.chunked_contrastive import infonce_block_grads, infonce_block_stats, sigmoid_block
+from clipkit.kernels.chunked_contrastive import distill_block, infonce_block_grads, infonce_block_stats, sigmoid_block
+from clipkit.kernels.late_interaction import filip_similarity
 
-__all__ = ["infonce_block_grads", "infonce_block_stats", "sigmoid_block"]
+__all__ = ["distill_block", "filip_similarity", "infonce_block_grads", "infonce_block_stats", "sigmoid_block"]

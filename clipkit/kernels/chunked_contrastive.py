@@ -156,3 +156,39 @@ def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: t
         torch.mm(grad, kc, out=dq[lo:hi])
         dk.addmm_(grad.T, qc)
     return total, dq, dk, grad_sum
+
+
+@torch.no_grad()
+def distill_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, teacher_q: torch.Tensor,
+                  teacher_k: torch.Tensor, teacher_scale: torch.Tensor, chunk: int = 4096, *,
+                  need_grads: bool = True):
+    """Row-wise KL(teacher ‖ student) of this block and its unscaled student gradients, one pass.
+
+    Student logits l = s·q·kᵀ, teacher logits t = s_t·q_t·k_tᵀ; each row is a softmax over
+    the B columns. 4 b×B×D matmuls (student and teacher logits, G·k, Gᵀ·q).
+
+    Args:
+        q [b, D], k [B, D], scale: the student's block, columns and s.
+        teacher_q [b, D_t], teacher_k [B, D_t], teacher_scale: the teacher's (no gradients).
+    Returns:
+        kl_sum 0-dim (Σ_i KL_i); with need_grads dq = G·k [b, D] and dk = Gᵀ·q [B, D] where
+        G = softmax(l) − softmax(t) row-wise (= dKL/dl); else None, None.
+    """
+    cdt = compute_dtype(q)
+    s, s_t = _scalar(scale, cdt), _scalar(teacher_scale, cdt)
+    kc, tkc = k.to(cdt), teacher_k.to(cdt)
+    total = torch.zeros((), dtype=cdt, device=q.device)
+    dq = torch.empty(q.shape, dtype=cdt, device=q.device) if need_grads else None
+    dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_grads else None
+    for lo, hi in _chunks(q.shape[0], chunk):
+        qc = q[lo:hi].to(cdt)
+        log_p_student = torch.log_softmax((qc * s) @ kc.T, dim=1)
+        log_p_teacher = torch.log_softmax((teacher_q[lo:hi].to(cdt) * s_t) @ tkc.T, dim=1)
+        p_teacher = log_p_teacher.exp()
+        total += (p_teacher * (log_p_teacher - log_p_student)).sum()
+        if not need_grads:
+            continue
+        grad = log_p_student.exp_().sub_(p_teacher)
+        torch.mm(grad, kc, out=dq[lo:hi])
+        dk.addmm_(grad.T, qc)
+    return total, dq, dk

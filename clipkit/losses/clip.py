@@ -41,7 +41,7 @@ class ClipLoss(nn.Module):
     gradient of the global-batch loss.
     """
 
-    needs = "pooled"
+    needs = ("image", "text")
 
     def __init__(self, init_logit_scale: float = 1 / 0.07, max_logit_scale: float = 100.0,
                  learn_logit_scale: bool = True, impl: str = "auto", chunk_size: int = 4096):

@@ -144,6 +144,39 @@ class _FusedSigmoid(torch.autograd.Function):
                 None, None)
 
 
+class _FusedDistill(torch.autograd.Function):
+    """W × Σ over this rank's rows of KL(teacher ‖ student), one direction (rows vs gathered columns)."""
+
+    @staticmethod
+    def forward(ctx, rows, cols, scale, teacher_rows, teacher_cols, teacher_scale, kernels, chunk):
+        cols_all = distributed.all_gather_rows(cols)
+        teacher_all = distributed.all_gather_rows(teacher_cols)
+        world, _ = _block_layout(rows.shape[0], cols_all.shape[0])
+        need_r, need_c, need_s = ctx.needs_input_grad[:3]
+        with torch.autocast(rows.device.type, enabled=False):
+            total, dq, dk = kernels.distill_block(
+                rows.detach(), cols_all, scale.detach(), teacher_rows.detach(), teacher_all,
+                teacher_scale.detach(), chunk, need_grads=need_r or need_c or need_s)
+        if dq is not None:
+            s = scale.detach().reshape(()).to(dq.dtype)
+            d_cols = distributed.reduce_scatter_rows(dk) * (s * world) if need_c else None
+            d_scale = (dq * rows.detach().to(dq.dtype)).sum() * world if need_s else None
+            ctx.save_for_backward(dq.mul_(s * world) if need_r else None, d_cols, d_scale)
+        ctx.shapes = (rows.dtype, cols.dtype, scale.shape, scale.dtype)
+        return total * world
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        d_rows, d_cols, d_scale = ctx.saved_tensors
+        r_dtype, c_dtype, s_shape, s_dtype = ctx.shapes
+        g = grad_out
+        return (None if d_rows is None else (d_rows * g.to(d_rows.dtype)).to(r_dtype),
+                None if d_cols is None else (d_cols * g.to(d_cols.dtype)).to(c_dtype),
+                None if d_scale is None else (d_scale * g.to(d_scale.dtype)).reshape(s_shape).to(s_dtype),
+                None, None, None, None, None)
+
+
 def fused_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *,
                     impl: str = "chunked", chunk: int = 4096) -> torch.Tensor:
     """Symmetric InfoNCE of the global batch, sharded by rows over the process group.
@@ -170,3 +203,24 @@ def fused_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torc
         0-dim: on one process `siglip_loss(image, text, s, β)`; on W ranks W × this rank's share.
     """
     return _FusedSigmoid.apply(image, text, logit_scale, logit_bias, resolve_kernels(impl, image.device), chunk)
+
+
+def fused_distill_kl(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, teacher_image: torch.Tensor,
+                     teacher_text: torch.Tensor, teacher_scale: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
+    """Mean over both directions and all B global rows of KL(teacher softmax ‖ student softmax).
+
+    Args:
+        image, text: [b, D] this rank's student features. logit_scale: the student's s.
+        teacher_image, teacher_text: [b, D_t] the frozen teacher's features; teacher_scale its s.
+    Returns:
+        0-dim: on one process (Σ_i KL_i→t + Σ_j KL_t→i) / (2B); on W ranks W × this rank's
+        share. Gradients reach the student features and s only. Chunked kernels on every
+        device (4 b×B×D matmuls per direction, never a [b, B] matrix).
+    """
+    kernels = resolve_kernels("chunked", image.device)
+    big_b = image.shape[0] * distributed.world_size()
+    image_to_text = _FusedDistill.apply(image, text, logit_scale, teacher_image, teacher_text, teacher_scale,
+                                        kernels, chunk)
+    text_to_image = _FusedDistill.apply(text, image, logit_scale, teacher_text, teacher_image, teacher_scale,
+                                        kernels, chunk)
+    return (image_to_text + text_to_image) / (2 * big_b)

@@ -27,7 +27,7 @@ class SigLipLoss(nn.Module):
     equals the single-process gradient of the global loss.
     """
 
-    needs = "pooled"
+    needs = ("image", "text")
 
     def __init__(self, init_logit_scale: float = 10.0, init_logit_bias: float = -10.0,
                  max_logit_scale: float = 100.0, impl: str = "auto", chunk_size: int = 4096):
