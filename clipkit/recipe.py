@@ -28,8 +28,8 @@ from clipkit.engine import build_optimizer, cosine_with_warmup, initialize_engin
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval.suite import EvalSuite, build_eval_specs
 from clipkit.loggers import build_loggers
-from clipkit.models import ModelBundle, build_model
-from clipkit.objective import ContrastiveObjective
+from clipkit.models import ModelBundle, build_model, build_teacher_model, lock_towers, open_clip_config
+from clipkit.objective import OUTPUTS, ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
 from clipkit.trainer import Trainer, TrainerSettings
 
@@ -66,10 +66,49 @@ def init_distributed(launcher_cfg: DictConfig) -> distributed.DistInfo:
     return info
 
 
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
 def build_towers(model_cfg: DictConfig) -> ModelBundle:
-    """`model:` section -> open_clip towers, transforms and tokenizer."""
-    inline = OmegaConf.to_container(model_cfg.config, resolve=True) if model_cfg.config else None
-    return build_model(model_cfg.name, pretrained=model_cfg.pretrained, config=inline)
+    """`model:` section -> open_clip towers (LiT locks and FLIP patch dropout applied),
+    transforms and tokenizer."""
+    bundle = build_model(model_cfg.name, pretrained=model_cfg.pretrained, config=_plain(model_cfg.config),
+                         patch_dropout=float(model_cfg.get("patch_dropout", 0.0)))
+    lock_towers(bundle.model, image=_plain(model_cfg.get("lock_image")), text=_plain(model_cfg.get("lock_text")))
+    return bundle
+
+
+def build_objective(model_cfg: DictConfig, bundle: ModelBundle, loss: torch.nn.Module, *,
+                    max_steps: int, seed: int) -> ContrastiveObjective:
+    """Towers + loss (+ the frozen `model.teacher`, TailDrop, FLIP's unmasked tuning phase).
+
+    Fails with a one-line config error when the loss needs an output this model lacks.
+    """
+    teacher_cfg = model_cfg.get("teacher")
+    teacher = None
+    if teacher_cfg:
+        teacher_model = build_teacher_model(teacher_cfg.name, teacher_cfg.pretrained, _plain(teacher_cfg.get("config")))
+        teacher_vocab = open_clip_config(teacher_cfg.name)["text_cfg"].get("vocab_size", 49408)
+        student_vocab = bundle.model_cfg["text_cfg"].get("vocab_size", 49408)
+        if teacher_vocab != student_vocab:
+            raise ClipkitConfigError(f"model.teacher={teacher_cfg.name} has a different tokenizer vocabulary "
+                                     f"({teacher_vocab} vs {student_vocab}); the teacher reads the student's "
+                                     f"token ids")
+        teacher = Teacher(teacher_model)
+    unmasked = int(model_cfg.get("unmasked_tuning_steps", 0))
+    objective = ContrastiveObjective(
+        bundle.model, loss, teacher=teacher, tail_drop_max=int(model_cfg.get("tail_drop_max", 0)),
+        unmasked_tuning_from_step=max_steps - unmasked + 1 if unmasked else None, seed=seed)
+    missing = objective.missing_outputs(tuple(loss.needs))
+    if missing:
+        hints = {"caption_logits": "a CoCa model (model=tiny_coca)",
+                 "image_tokens": "a ViT CLIP without an attentional pooler (model=tiny_vit)",
+                 "teacher_image": "model.teacher (model=tiny_distill)"}
+        wanted = sorted({h for name, h in hints.items() if name in missing} or {", ".join(missing)})
+        raise ClipkitConfigError(f"loss={type(loss).__name__} needs {', '.join(OUTPUTS[m].split(' [')[0] for m in missing)}"
+                                 f" that model={bundle.name} cannot give; use {' or '.join(wanted)}")
+    return objective
 
 
 def build_loss(loss_cfg: DictConfig, bundle: ModelBundle) -> torch.nn.Module:
@@ -86,9 +125,6 @@ def build_loss(loss_cfg: DictConfig, bundle: ModelBundle) -> torch.nn.Module:
         if isinstance(err.__cause__, ClipkitConfigError):
             raise err.__cause__ from None
         raise
-    if tuple(loss.needs) != ("image", "text"):
-        raise ClipkitConfigError(f"loss={loss_cfg.name} needs {', '.join(loss.needs)}; model={bundle.name} "
-                                 f"gives pooled image and text features only")
     return loss
 
 
@@ -125,7 +161,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     world = info.world_size
     seed_everything(cfg.seed)
     bundle = build_towers(cfg.model)
-    objective = ContrastiveObjective(bundle.model, build_loss(cfg.loss, bundle))
+    objective = build_objective(cfg.model, bundle, build_loss(cfg.loss, bundle),
+                                max_steps=cfg.trainer.max_steps, seed=cfg.seed)
     engine = build_engine(objective, optim_cfg=cfg.optim, sched_cfg=cfg.sched, trainer_cfg=cfg.trainer,
                           global_batch_size=cfg.data.global_batch_size, world_size=world)
     if info.is_main:

@@ -50,6 +50,9 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, tokens: torch.Tensor, step: int) -> dict[str, float]:
         device = self.engine.device
+        on_step = getattr(self.engine.module, "on_step", None)
+        if on_step is not None:  # per-step model behaviour (TailDrop's k, FLIP's unmasked tuning)
+            on_step(step)
         loss, metrics = self.engine(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
         # The rank share is scaled by world size, so the mean over ranks is the global loss.
         global_loss = float(distributed.all_reduce_mean(loss.float()))

@@ -57,7 +57,7 @@ def open_clip_config(name: str) -> dict[str, Any]:
 
 
 def build_model(name: str, *, pretrained: str | None = None, config: dict[str, Any] | None = None,
-                precision: str = "fp32") -> ModelBundle:
+                precision: str = "fp32", patch_dropout: float = 0.0) -> ModelBundle:
     """Creates the towers, train/val transforms and tokenizer for one architecture.
 
     Args:
@@ -66,14 +66,18 @@ def build_model(name: str, *, pretrained: str | None = None, config: dict[str, A
             unless a tag is given and the hub is reachable).
         config: inline open_clip model config dict; None uses open_clip's built-in `name`.
         precision: open_clip precision string for tower weights ("fp32" while DeepSpeed owns casting).
+        patch_dropout: FLIP's training-time patch dropout ratio for a ViT (0 = off); open_clip
+            keeps CLS and 1 + int(N·(1 − p)) tokens, in train mode only.
     """
     if config is not None:
         _register_inline_config(name, config)
     model_cfg = open_clip_config(name)
     if pretrained is not None and Path(pretrained).suffix and not Path(pretrained).exists():
         raise ClipkitConfigError(f"model.pretrained file not found: {pretrained}")
+    if not 0.0 <= patch_dropout < 1.0:
+        raise ClipkitConfigError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}")
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, precision=precision)
+        name, pretrained=pretrained, precision=precision, force_patch_dropout=patch_dropout or None)
     tokenizer = open_clip.get_tokenizer(name)
 
     scale = bias = None
@@ -86,4 +90,43 @@ def build_model(name: str, *, pretrained: str | None = None, config: dict[str, A
     if getattr(model, "logit_bias", None) is not None:
         del model.logit_bias
     model.logit_bias = None
+    if hasattr(model, "text_decoder") and pretrained is None:
+        # open_clip 3.3 never initializes MultimodalTransformer.text_projection (its
+        # init_parameters is not called and would fail), so the decoder's output projection
+        # is torch.empty: whatever memory held, often zeros (constant logits). std 0.02 (the
+        # GPT-2/BERT output-layer init) starts the logits near uniform: caption CE ≈ ln V.
+        with torch.no_grad():
+            nn.init.normal_(model.text_decoder.text_projection, std=0.02)
+    if hasattr(model, "text_decoder"):
+        # CoCa.forward copies exp(logit_scale) into its output dict; clipkit never reads that
+        # entry. A plain tensor attribute: not a parameter, not in the state dict.
+        model.logit_scale = torch.zeros(())
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, name, model_cfg, scale, bias)
+
+
+def lock_towers(model: nn.Module, *, image: dict[str, Any] | None, text: dict[str, Any] | None) -> None:
+    """LiT (Zhai et al. 2022): freeze the image and/or text tower with open_clip's own lock.
+
+    Args:
+        image: None, or {unlocked_groups: N (0 = all locked), freeze_bn_stats: bool}.
+        text: None, or {unlocked_layers: N, freeze_layer_norm: bool}.
+    Locked parameters get requires_grad=False, so they get no gradient and no optimizer
+    state; frozen BN statistics become FrozenBatchNorm2d and stay fixed in train mode.
+    """
+    if image is not None:
+        model.lock_image_tower(unlocked_groups=int(image.get("unlocked_groups", 0)),
+                               freeze_bn_stats=bool(image.get("freeze_bn_stats", False)))
+    if text is not None:
+        model.lock_text_tower(unlocked_layers=int(text.get("unlocked_layers", 0)),
+                              freeze_layer_norm=bool(text.get("freeze_layer_norm", True)))
+
+
+def build_teacher_model(name: str, pretrained: str, config: dict[str, Any] | None = None) -> nn.Module:
+    """A complete open_clip model (its logit_scale kept) from a local checkpoint, for distillation."""
+    if config is not None:
+        _register_inline_config(name, config)
+    open_clip_config(name)
+    if not Path(pretrained).exists():
+        raise ClipkitConfigError(f"model.teacher.pretrained file not found: {pretrained} (train or export "
+                                 f"the teacher first, e.g. `make demo` then clipkit-export)")
+    return open_clip.create_model(name, pretrained=pretrained)

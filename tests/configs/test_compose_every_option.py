@@ -14,7 +14,7 @@ from clipkit.data import expand_urls
 from clipkit.engine import build_optimizer, cosine_with_warmup, render_deepspeed_config
 from clipkit.eval.suite import build_eval_specs
 from clipkit.loggers import build_loggers
-from clipkit.recipe import build_loss, build_towers
+from clipkit.recipe import build_loss, build_objective, build_towers
 
 GROUPS = ["model", "loss", "data", "optim", "sched", "trainer", "eval", "logger", "launcher", "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -29,9 +29,32 @@ def composed(digits_root: Path, *overrides: str, config_name: str = "train"):
         return compose(config_name, overrides=[f"paths.root={digits_root}", *overrides])
 
 
+# Losses that need more than pooled features, and a model that gives it.
+MODEL_FOR_LOSS = {"coca": "tiny_coca", "distill": "tiny_distill"}
+
+
+@pytest.fixture
+def demo_export(digits_root) -> Path:
+    """An open_clip checkpoint where `make demo` exports its CLIP (LiT and distillation start
+    from it): the real tiny_vit architecture, random weights."""
+    import open_clip
+
+    from clipkit.models import build_model  # registers the inline tiny config with open_clip
+
+    cfg = composed(digits_root, "model=tiny_vit")
+    build_model(cfg.model.name, config=OmegaConf.to_container(cfg.model.config))
+    path = digits_root / "outputs" / "demo_digits-clip" / "export" / "open_clip_pytorch_model.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        torch.save(open_clip.create_model(cfg.model.name).state_dict(), path)
+    return path
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_builds(group, option, digits_root, tmp_path):
+def test_option_composes_and_builds(group, option, digits_root, demo_export, tmp_path):
     extra = ["data.train_urls='${paths.data_dir}/digits/train/{00000..00007}.tar'"] if option == "webdataset" else []
+    if group == "loss" and option in MODEL_FOR_LOSS:
+        extra.append(f"model={MODEL_FOR_LOSS[option]}")
     cfg = composed(digits_root, f"{group}={option}", *extra)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # no ??? or broken ${...} left
     if group in ("model", "loss", "experiment"):
@@ -39,6 +62,8 @@ def test_option_composes_and_builds(group, option, digits_root, tmp_path):
         loss = build_loss(cfg.loss, bundle)
         assert bundle.tokenizer(["a photo"]).shape[0] == 1
         assert any(p.shape == (1,) for p in loss.parameters())
+        objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed)
+        assert not objective.missing_outputs(tuple(loss.needs))
     if group in ("optim", "sched", "trainer", "debug", "experiment"):
         ds = render_deepspeed_config(global_batch_size=cfg.data.global_batch_size, world_size=1,
                                      zero_stage=cfg.trainer.zero_stage, precision=cfg.trainer.precision,

@@ -158,3 +158,19 @@ def test_distill_loss_impls_agree():
         out.append((value.detach(), metrics["distill_kl"], loss.logit_scale.grad.clone()))
     torch.testing.assert_close(out[0], out[1], rtol=1e-10, atol=1e-14)
     assert float(out[0][1]) > 0
+
+
+def test_token_reduction_keeps_the_most_similar_real_tokens():
+    from clipkit.losses.filip import keep_top_tokens
+
+    txt = tokens(2, 5, 4, 0)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    img = txt[:, [1, 3]].clone()  # each image token equals a text token
+    img[0, 1] = txt[0, 2]  # sample 0's image copies its real tokens 1 and 2
+    kept, kept_mask = keep_top_tokens(txt, mask, img, None, 0.4)  # ceil(0.4 * 5) = 2 per caption
+    assert kept.shape == (2, 2, 4) and kept_mask.all()
+    torch.testing.assert_close(kept[0], txt[0, [1, 2]])  # exact matches (similarity 1) win, in order
+    torch.testing.assert_close(kept[1], txt[1, [1, 3]])
+    loss = FilipLoss(token_keep_ratio=0.4).double()
+    value, _ = loss(img, None, txt, mask)
+    assert torch.isfinite(value)
