@@ -47,3 +47,24 @@ def run_cli(args: list[str], root: Path, *, timeout: int = 600, check: bool = Tr
 def torchrun(nproc: int, module_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             f"--master_port={free_port()}", *module_args]
+
+
+@pytest.fixture(scope="session")
+def demo_export(digits_root) -> Path:
+    """An open_clip checkpoint where `make demo` exports its CLIP (LiT and distillation start
+    from it): the real tiny_vit architecture in open_clip's format, random weights."""
+    import open_clip
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from clipkit.models import build_model  # registers the inline tiny config with open_clip
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        model_cfg = compose("train", overrides=["model=tiny_vit"]).model
+    build_model(model_cfg.name, config=OmegaConf.to_container(model_cfg.config))
+    path = digits_root / "outputs" / "demo_digits-clip" / "export" / "open_clip_pytorch_model.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(model_cfg.name).state_dict(), path)
+    return path

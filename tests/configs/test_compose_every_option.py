@@ -33,23 +33,6 @@ def composed(digits_root: Path, *overrides: str, config_name: str = "train"):
 MODEL_FOR_LOSS = {"coca": "tiny_coca", "distill": "tiny_distill"}
 
 
-@pytest.fixture
-def demo_export(digits_root) -> Path:
-    """An open_clip checkpoint where `make demo` exports its CLIP (LiT and distillation start
-    from it): the real tiny_vit architecture, random weights."""
-    import open_clip
-
-    from clipkit.models import build_model  # registers the inline tiny config with open_clip
-
-    cfg = composed(digits_root, "model=tiny_vit")
-    build_model(cfg.model.name, config=OmegaConf.to_container(cfg.model.config))
-    path = digits_root / "outputs" / "demo_digits-clip" / "export" / "open_clip_pytorch_model.bin"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        torch.save(open_clip.create_model(cfg.model.name).state_dict(), path)
-    return path
-
-
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_builds(group, option, digits_root, demo_export, tmp_path):
     extra = ["data.train_urls='${paths.data_dir}/digits/train/{00000..00007}.tar'"] if option == "webdataset" else []
