@@ -125,6 +125,9 @@ def loss_fn(kind: str, impl: str, chunk: int):
         return (lambda i, t, s, b: module(i, t, s)) if kind == "clip" else (lambda i, t, s, b: module(i, t, s, b))
     if impl == "compiled":
         import torch
+        # A fresh dynamo state per row: the sweep has more shapes than dynamo's recompile
+        # limit, past which it would silently fall back to eager.
+        torch._dynamo.reset()
         return torch.compile(naive_losses()[kind == "siglip"], dynamic=False)
     if impl == "infcl":
         if kind != "clip":

@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _sum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._sum_combine)

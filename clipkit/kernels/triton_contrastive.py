@@ -27,6 +27,8 @@ Algorithm and cost, counted in b×B×D matmuls:
     D = 512–768 does not fit in registers, and accumulating it in memory (atomics or a
     split with per-program partials) costs more traffic per FLOP than writing G once in
     bf16 (6 bytes per logit against 6·D FLOP of tensor-core work on it).
+    Each column block after the first re-reads and re-writes dq [b, D] in float32, so
+    wider blocks (`chunk` ≥ 4096 on a GPU) amortize that traffic.
     CLIP fwd+bwd = 4 b×B×D matmuls; open_clip's ClipLoss does 6 and Inf-CL about 10.
   * Sigmoid (3 with gradients, 1 without): the grads kernel with the loss in its
     epilogue, then the same two cuBLAS products. Per-program loss/Σ G partials, summed
@@ -38,14 +40,15 @@ Memory beyond inputs and outputs (B = 1M, D = 512, bf16 in parentheses):
   * grads/sigmoid: the gradient block b × width with width ≤ `chunk` and
     b·width·itemsize ≤ max(GRAD_BLOCK_BYTES = 2 GiB, b·BLOCK_N·itemsize) (2 GiB at
     width 1024); fp16 inputs also get bf16 copies of q and k, since cuBLAS needs G and
-    its operand in one dtype and fp16 cannot hold softmax probabilities below 6e-8.
+    its operand in one dtype and fp16 holds probabilities below 6e-5 only as subnormals.
 
 `chunk` is the column width of the gradient block (rounded down to the tile width); the
 stats pass ignores it. Inputs: float32, bfloat16, float16 or float64 (float64 computes
 in float64). Dot products of float32 inputs use `FP32_DOT_PRECISION` ("ieee": exact fp32,
-no TF32). On CPU tensors the kernels run in Triton's interpreter, which needs
-TRITON_INTERPRET=1 in the environment before the first call; there 16-bit inputs are
-upcast at load (the interpreter cannot multiply bf16). This module imports nothing from
+no TF32) in the kernels; the cuBLAS products follow torch.backends.cuda.matmul.allow_tf32.
+On CPU tensors the kernels run in Triton's interpreter, which needs TRITON_INTERPRET=1 in
+the environment when they are called; there 16-bit inputs are upcast at load (the
+interpreter cannot multiply bf16). This module imports nothing from
 clipkit and imports triton only when a kernel first runs.
 """
 
@@ -153,9 +156,10 @@ def _setup(q: torch.Tensor, k: torch.Tensor, row_offset: int, tiles: TileConfig 
     if q.dtype not in _SUPPORTED:
         raise TypeError(f"triton contrastive kernels take float32/bfloat16/float16/float64, got {q.dtype}")
     if not 0 <= row_offset <= k.shape[0] - q.shape[0]:
-        raise ValueError(f"row_offset {row_offset} puts the positives of {q.shape[0]} rows outside {k.shape[0]} columns")
+        raise ValueError(f"row_offset {row_offset} puts the positives of {q.shape[0]} rows "
+                         f"outside {k.shape[0]} columns")
     if q.device.type == "cpu" and not _interpreting():
-        raise RuntimeError("triton kernels on CPU tensors need TRITON_INTERPRET=1 set before the first call")
+        raise RuntimeError("triton kernels on CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1")
     if q.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"triton contrastive kernels run on CUDA (or CPU under the interpreter), not {q.device}")
     tiles = tiles or _default_tiles(q, kernel)

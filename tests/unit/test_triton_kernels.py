@@ -8,6 +8,7 @@ test modules; the kernels module keeps interpreted and compiled kernels apart by
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 import subprocess
@@ -340,8 +341,6 @@ def test_gpu_benchmark_runs_under_the_interpreter(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--interpret", "--batch", "64", "--dim", "32", "--dtype", "fp32", "bf16", "--reps", "1",
                 "--out", str(out)])
-    import json
-
     rows = json.loads(out.read_text())["rows"]
     by = {(r["kind"], r["dtype"], r["impl"]): r for r in rows}
     for kind in ("clip", "siglip"):
