@@ -25,6 +25,7 @@ Writes JSON to --out (default benchmarks/results/loss_bench_gpu.json).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -53,11 +54,15 @@ def peak_flops(device_name: str, dtype: str) -> float:
     return math.nan
 
 
-def triton_losses(chunk: int):
+def triton_losses(chunk: int, tiles=None):
     """(clip, siglip) loss functions of (image, text, scale, bias) built from the primitives."""
     import torch
 
-    from clipkit.kernels.triton_contrastive import infonce_block_grads, infonce_block_stats, sigmoid_block
+    from clipkit.kernels import triton_contrastive as tc
+
+    infonce_block_stats = functools.partial(tc.infonce_block_stats, tiles=tiles)
+    infonce_block_grads = functools.partial(tc.infonce_block_grads, tiles=tiles)
+    sigmoid_block = functools.partial(tc.sigmoid_block, tiles=tiles)
 
     class Clip(torch.autograd.Function):
         @staticmethod
@@ -115,10 +120,10 @@ def naive_losses():
     return clip, siglip
 
 
-def loss_fn(kind: str, impl: str, chunk: int):
+def loss_fn(kind: str, impl: str, chunk: int, tiles=None):
     """The loss function, or a string saying why the implementation cannot run."""
     if impl == "triton":
-        return triton_losses(chunk)[kind == "siglip"]
+        return triton_losses(chunk, tiles)[kind == "siglip"]
     if impl == "open_clip":
         from open_clip.loss import ClipLoss, SigLipLoss
         module = ClipLoss() if kind == "clip" else SigLipLoss()
@@ -207,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     p.add_argument("--chunk", type=int, default=16384,
                    help="columns per gradient block of the Triton path (capped at 2 GiB)")
+    p.add_argument("--tiles", default=None, metavar="BM,BN,BK,WARPS,STAGES",
+                   help="one tile config for every Triton kernel (default: per-kernel defaults), for tuning")
     p.add_argument("--compiled-max-batch", type=int, default=65536,
                    help="largest B for torch.compile'd naive (each B is a fresh 10-40 s compile)")
     p.add_argument("--reps", type=int, default=5)
@@ -226,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: run on a GPU machine, or pass --interpret for a CPU smoke run")
         device, impls, warmup = "cuda", args.impls, args.warmup
+    tiles = None
+    if args.tiles:
+        from clipkit.kernels.triton_contrastive import TileConfig
+        tiles = TileConfig(*map(int, args.tiles.split(",")))
     name = device_name(device)
     print(f"device: {name}; median of {args.reps} after {warmup} warm-up; torch {torch.__version__}", flush=True)
     rows = []
@@ -237,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                     group = []
                     for impl in impls:
                         row = {"kind": kind, "impl": impl, "batch": batch, "dim": dim, "dtype": dtype}
-                        fn = loss_fn(kind, impl, args.chunk)
+                        fn = loss_fn(kind, impl, args.chunk, tiles)
                         if isinstance(fn, str):
                             row["status"] = fn
                         elif impl in dead:
@@ -272,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": name, "torch": torch.__version__, "reps": args.reps, "warmup": warmup,
-                               "chunk": args.chunk, "peak_flops": PEAK_FLOPS, "rows": rows}, indent=2))
+                               "chunk": args.chunk, "tiles": args.tiles, "peak_flops": PEAK_FLOPS, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

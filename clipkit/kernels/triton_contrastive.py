@@ -68,6 +68,7 @@ LOG2E = 1.4426950408889634
 PARTIAL_BYTES = 2 << 30
 GRAD_BLOCK_BYTES = 2 << 30
 FP32_DOT_PRECISION = "ieee"
+_INT32_LIMIT = 2**31 - 1  # element offsets past this need int64 index math in the kernels
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -89,12 +90,13 @@ class TileConfig:
 
 
 def _default_tiles(x: torch.Tensor, kernel: str) -> TileConfig:
-    """Per-kernel defaults for sm_90, chosen from ptxas register counts (no spills, 16-bit
-    stats and sigmoid at ≤ 2 CTAs' worth of registers per SM), not from timings."""
+    """Per-kernel defaults for sm_90, chosen without a GPU: the largest tiles ptxas
+    assembles with no register spills (128x128 loads 64 FLOP per byte from L2, 128x64 only
+    43). Timings on an H100 may pick others: every primitive takes `tiles=`."""
     if not x.is_cuda:  # interpreter: bigger tiles are fewer numpy round trips
         return TileConfig(64, 64, 64, 4, 1)
     if x.dtype in (torch.bfloat16, torch.float16):
-        return {"stats": TileConfig(128, 64, 64, 4, 3), "grad": TileConfig(128, 128, 64, 8, 3),
+        return {"stats": TileConfig(128, 128, 64, 8, 3), "grad": TileConfig(128, 128, 64, 8, 3),
                 "sigmoid": TileConfig(128, 64, 64, 8, 3)}[kernel]
     if x.dtype == torch.float32:
         return TileConfig(64, 64, 32, 4, 3)
@@ -174,6 +176,7 @@ def _setup(q: torch.Tensor, k: torch.Tensor, row_offset: int, tiles: TileConfig 
                   UPCAST=not q.is_cuda and q.dtype in (torch.bfloat16, torch.float16),
                   ACC=tl.float64 if cdt == torch.float64 else tl.float32,
                   PRECISION=FP32_DOT_PRECISION if q.dtype == torch.float32 else "ieee",
+                  WIDE=max(q.numel(), k.numel()) >= _INT32_LIMIT,
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return _Setup(cdt, tiles, consts)
 
@@ -308,12 +311,13 @@ def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool)
 
 def _pairwise_grads(launch, q: torch.Tensor, k: torch.Tensor, st: _Setup, chunk: int,
                     need_q: bool, need_k: bool, write_g: bool):
-    """Runs `launch(g, c0, c1)` on each column block and multiplies G into dq/dk."""
+    """Runs `launch(g_block, c0, c1, consts)` on each column block and multiplies G into dq/dk."""
     b, big_b, dim = q.shape[0], k.shape[0], q.shape[1]
     gdt = _grad_layout(q, st.cdt)
     itemsize = torch.empty((), dtype=gdt).element_size()
     width = _block_width(b, big_b, chunk, itemsize, st.tiles.block_n)
     g_block = torch.empty(b, width, dtype=gdt, device=q.device) if write_g else None
+    consts = {**st.consts, "WIDE": st.consts["WIDE"] or b * width >= _INT32_LIMIT}
     q_op = q if q.dtype == gdt or not need_k else q.to(gdt)
     k_op = k if k.dtype == gdt or not need_q else k.to(gdt)
     dq = torch.empty(b, dim, dtype=st.cdt, device=q.device) if need_q else None
@@ -321,7 +325,7 @@ def _pairwise_grads(launch, q: torch.Tensor, k: torch.Tensor, st: _Setup, chunk:
     for c0 in range(0, big_b, width):
         c1 = min(big_b, c0 + width)
         g = g_block[:, :c1 - c0] if write_g else None
-        launch(g_block, c0, c1)
+        launch(g_block, c0, c1, consts)
         if dq is not None:
             _gemm(dq, g, k_op[c0:c1], accumulate=c0 > 0)
         if dk is not None:
@@ -357,11 +361,11 @@ def infonce_block_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, r
     kern = _kernels()
     tm, tn = st.tiles.block_m, st.tiles.block_n
 
-    def launch(g_block, c0, c1):
+    def launch(g_block, c0, c1, consts):
         grid = (-(-b // tm) * -(-(c1 - c0) // tn),)
         kern.infonce_grad_kernel[grid](
             q, k[c0:c1], s, row_lse2, col_lse2[c0:c1], g_block,
-            b, c1 - c0, q.shape[1], row_offset - c0, q.stride(0), k.stride(0), g_block.stride(0), **st.consts)
+            b, c1 - c0, q.shape[1], row_offset - c0, q.stride(0), k.stride(0), g_block.stride(0), **consts)
 
     return _pairwise_grads(launch, q, k, st, chunk, need_q, need_k, write_g=True)
 
@@ -393,14 +397,14 @@ def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: t
     tm, tn = st.tiles.block_m, st.tiles.block_n
     loss_parts, grad_parts = [], []
 
-    def launch(g_block, c0, c1):
+    def launch(g_block, c0, c1, consts):
         grid = (-(-b // tm) * -(-(c1 - c0) // tn),)
         loss = torch.empty(grid[0], dtype=st.cdt, device=dev)
         gsum = torch.empty(grid[0], dtype=st.cdt, device=dev)
         kern.sigmoid_kernel[grid](
             q, k[c0:c1], s, beta, g_block if g_block is not None else loss, loss, gsum,
             b, c1 - c0, q.shape[1], row_offset - c0, q.stride(0), k.stride(0),
-            g_block.stride(0) if g_block is not None else 0, WRITE_G=g_block is not None, **st.consts)
+            g_block.stride(0) if g_block is not None else 0, WRITE_G=g_block is not None, **consts)
         loss_parts.append(loss.sum())
         grad_parts.append(gsum.sum())
 

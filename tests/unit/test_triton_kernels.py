@@ -110,6 +110,23 @@ def test_infonce_stats_and_grads_match_float64(case, dtype):
     torch.testing.assert_close(dk.double(), want_dk, **tol(dtype))
 
 
+def test_int64_index_path(monkeypatch):
+    """Tensors past 2^31 elements switch the kernels to int64 offsets; forced here at small sizes."""
+    monkeypatch.setattr(triton_contrastive, "_INT32_LIMIT", 100)
+    b, big_b, d, offset, tiles, chunk = CASES["rank_block"]
+    q, k = pair(b, big_b, d, offset, seed=11, dtype=torch.float32)
+    s = torch.tensor(20.0)
+    stats = infonce_block_stats(q, k, s, offset, chunk, tiles=tiles)
+    for got, want in zip(stats, ref_stats(q, k, 20.0, offset)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-5)
+    want_dq, want_dk, _, _ = ref_infonce_grads(q, k, 20.0, offset)
+    dq, dk = infonce_block_grads(q, k, s, offset, stats[0], stats[1] + stats[2].log(), chunk, True, True, tiles=tiles)
+    torch.testing.assert_close(dq.double(), want_dq, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(dk.double(), want_dk, rtol=2e-5, atol=2e-5)
+    loss = sigmoid_block(q, k, s, torch.tensor(-10.0), offset, chunk, False, tiles=tiles)[0]
+    torch.testing.assert_close(loss.double(), ref_sigmoid(q, k, 20.0, -10.0, offset)[0], rtol=2e-6, atol=0)
+
+
 @pytest.mark.parametrize("scale,bias", [(10.0, -10.0), (100.0, -10.0), (1.0, 2.0)])
 @pytest.mark.parametrize("case", ["one_process_odd", "rank_block", "b_below_one_tile"])
 def test_sigmoid_block_matches_float64(case, scale, bias):
@@ -321,7 +338,7 @@ def test_bf16_kernels_compile_for_h100_without_spills(monkeypatch, tmp_path):
     for name, (fn, sig, extra) in kernels.items():
         tiles = triton_contrastive._default_tiles(gpu_bf16, name)
         consts = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, EVEN_K=True,
-                      UPCAST=False, ACC=tl.float32, PRECISION="ieee", **extra)
+                      UPCAST=False, ACC=tl.float32, PRECISION="ieee", WIDE=False, **extra)
         sig = {**sig, **{key: "constexpr" for key in consts}}
         ptx, spilled = _sm90_compile(fn, sig, consts, tiles, tmp_path)
         assert "wgmma.mma_async" in ptx and "cp.async" in ptx, name  # tensor cores, pipelined loads
