@@ -51,9 +51,10 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def resolve_kernels(impl: str, device: torch.device) -> ModuleType:
-    """The kernel set for `impl` on `device`: `auto` is Triton where usable, else chunked."""
+    """The kernel set for `impl` on `device`: `auto` is Triton on a CUDA GPU where usable, else
+    chunked (never the CPU interpreter, which is for tests)."""
     if impl == "auto":
-        impl = "triton" if triton_usable(device) else "chunked"
+        impl = "triton" if device.type == "cuda" and triton_usable(device) else "chunked"
     if impl == "triton" and not triton_usable(device):
         raise RuntimeError(f"loss.impl=triton needs a CUDA device with triton installed (got {device}); "
                            f"use loss.impl=chunked or auto")

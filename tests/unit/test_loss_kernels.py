@@ -203,6 +203,31 @@ def test_module_impls_agree(loss_cls):
         torch.testing.assert_close(other[3], results[0][3])
 
 
+@pytest.mark.parametrize("loss_cls", [ClipLoss, SigLipLoss])
+def test_triton_impl_through_the_loss_module_matches_naive(loss_cls, monkeypatch):
+    """`loss.impl=triton` runs the Triton kernels (here under TRITON_INTERPRET=1 on CPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    img, txt = features(19, 24, seed=11)
+    results = []
+    for impl in ("naive", "triton"):
+        module = loss_cls(impl=impl)
+        i, t = img.float().requires_grad_(), txt.float().requires_grad_()
+        value, _ = module(i, t)
+        value.backward()
+        results.append((value.detach(), i.grad, t.grad, [p.grad for p in module.parameters()]))
+    torch.testing.assert_close(results[1][:3], results[0][:3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][3], results[0][3], rtol=1e-5, atol=1e-6)
+
+
+def test_triton_impl_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    img, txt = features(4, 8)
+    with pytest.raises(RuntimeError, match="loss.impl=triton needs a CUDA device"):
+        ClipLoss(impl="triton")(img.float(), txt.float())
+    value, _ = ClipLoss(impl="auto")(img.float(), txt.float())  # auto falls back to chunked on CPU
+    assert torch.isfinite(value)
+
+
 def test_module_rejects_unknown_impl():
     with pytest.raises(ValueError, match="loss.impl='cuda'"):
         ClipLoss(impl="cuda")

@@ -43,11 +43,15 @@ def loss_and_grads(loss_name, inputs, trainable, impl):
     return value.detach(), [a.grad for a, t in zip(args, trainable) if t], [p.grad.clone() for p in module.parameters()]
 
 
-CASES = [(loss_name, impl) for loss_name in LOSSES for impl in ("naive", "chunked")]
+CASES = [(loss_name, impl) for loss_name in LOSSES for impl in ("naive", "chunked")] + [
+    ("clip", "triton"), ("siglip", "triton")]  # Triton kernels under the interpreter
 
 
 def worker(rank, world, port, out_dir):
     """Runs every (loss, impl) case in one process group (one spawn per world size)."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # this child only: lets impl=triton run on CPU
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     b = GLOBAL_B // world
     results = {}
@@ -67,7 +71,8 @@ def worker(rank, world, port, out_dir):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_split_matches_single_process(world, tmp_path):
-    """For CLIP, SigLIP, FILIP and distillation, `naive` and `chunked`: the reference is the
+    """For CLIP, SigLIP, FILIP and distillation, `naive` and `chunked` (and `triton` for CLIP
+    and SigLIP): the reference is the
     1-process naive (materialized) loss; `chunked` runs the fused scheme (gather without
     grad, all-reduced column stats, reduce-scattered gradients)."""
     mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
