@@ -79,6 +79,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order (`[obj]` on 1 process)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """[b, ...] per rank -> [W*b, ...] in rank order, no autograd. `x` itself on 1 process."""
     if not is_initialized() or dist.get_world_size() == 1:

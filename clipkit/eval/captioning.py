@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from clipkit import distributed
 from clipkit.data.eval_reader import EvalBatch
 from clipkit.losses.functional import caption_loss
 from clipkit.models.captioning import generate_captions
@@ -41,11 +42,14 @@ def corpus_scores(generated: list[str], references: list[list[str]]) -> dict[str
 
 @torch.no_grad()
 def evaluate_captioning(model: nn.Module, batches: Iterable[EvalBatch], tokenizer, *, device: torch.device,
-                        beams: int = 1, pad_id: int = 0, examples: int = 5) -> dict[str, float | list]:
+                        beams: int = 1, pad_id: int = 0) -> tuple[dict[str, float], list[dict[str, object]]]:
     """Mean caption token CE (over every reference caption, pad ignored) and generated-caption
-    BLEU-4/CIDEr for an open_clip CoCa `model` in eval mode.
+    BLEU-4/CIDEr for an open_clip CoCa `model` in eval mode. With several ranks each scores
+    its share of `batches` and the sums and captions are gathered: every rank gets the
+    1-process result. (Greedy decoding stops early per batch, so forwards are not in
+    lockstep across ranks: not for ZeRO-3 multi-rank runs, where `run_training` refuses it.)
 
-    Returns {"caption_ce", "bleu4", "cider", "examples": [(generated, first reference), ...]}.
+    Returns ({"caption_ce", "bleu4", "cider"}, [{"generated", "references"} per image]).
     """
     ce_sum, tokens_seen = 0.0, 0
     generated, references = [], []
@@ -64,7 +68,9 @@ def evaluate_captioning(model: nn.Module, batches: Iterable[EvalBatch], tokenize
                                 max_len=text.shape[1], beams=beams)
         generated += [tokenizer.decode(seq).strip() for seq in ids]
         references += [list(caps) for caps in batch.captions]
-    metrics: dict[str, float | list] = {"caption_ce": ce_sum / max(tokens_seen, 1)}
-    metrics.update(corpus_scores(generated, references))
-    metrics["examples"] = [(g, r[0]) for g, r in list(zip(generated, references))[:examples]]
-    return metrics
+    shares = distributed.all_gather_objects((ce_sum, tokens_seen, generated, references))
+    ce_sum, tokens_seen = sum(s[0] for s in shares), sum(s[1] for s in shares)
+    generated = [g for s in shares for g in s[2]]
+    references = [r for s in shares for r in s[3]]
+    metrics = {"caption_ce": ce_sum / max(tokens_seen, 1), **corpus_scores(generated, references)}
+    return metrics, [{"generated": g, "references": r} for g, r in zip(generated, references)]

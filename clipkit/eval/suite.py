@@ -7,11 +7,13 @@ the same metrics a 1-process eval would. Rank 0 writes one CLIP_benchmark JSON p
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -23,9 +25,13 @@ from clipkit.eval.cache import cache_path, load_embedded, save_embedded
 from clipkit.eval.embed import EmbeddedSet, embed_eval_set, gather_embedded_set
 from clipkit.eval.runner import (TASKS, SearchConfig, evaluate_embedded, format_results_table,
                                  write_benchmark_json)
+from clipkit.eval.captioning import evaluate_captioning
+from clipkit.eval.late_interaction import late_interaction_metrics
 from clipkit.eval.zeroshot import zeroshot_classifier
 
 SOURCES = ("urls", *datasets.FILE_SOURCES)
+# "captioning" (CoCa models: caption CE, BLEU-4, CIDEr) is opt-in per set, never a default.
+SET_TASKS = (*TASKS, "captioning")
 
 
 @dataclass
@@ -66,9 +72,9 @@ def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
         default_tasks = ["zeroshot_classification"] if source == "folder" else \
             ["retrieval"] if source in ("csv", "jsonl") else TASKS
         tasks = list(s.get("tasks") or default_tasks)
-        unknown = sorted(set(tasks) - set(TASKS))
+        unknown = sorted(set(tasks) - set(SET_TASKS))
         if unknown:
-            raise ClipkitConfigError(f"eval.sets.{name}.tasks: unknown {unknown}; choose from {list(TASKS)}")
+            raise ClipkitConfigError(f"eval.sets.{name}.tasks: unknown {unknown}; choose from {list(SET_TASKS)}")
         classnames, templates = s.get("classnames"), s.get("templates")
         reader_args = {k: str(s[k]) for k in ("image_key", "caption_key", "image_root") if s.get(k) is not None}
         if "zeroshot_classification" in tasks and (classnames is None or templates is None):
@@ -145,19 +151,74 @@ class EvalSuite:
             save_embedded(path, emb)
         return emb
 
+    def _token_encoders(self, objective: nn.Module, device: torch.device):
+        """FILIP token features packed into one vector per item, so the embedding, gather and
+        cache machinery of the pooled path carries them: an image is its [N·D] tokens; a
+        caption its [L·D] tokens followed by its [L] 0/1 mask. `_unpack_tokens` inverts it."""
+        def encode_image(images: torch.Tensor) -> torch.Tensor:
+            return objective.encode_image_tokens(images.to(device)).flatten(1)
+
+        def encode_text(texts: list[str]) -> torch.Tensor:
+            packed = []
+            for i in range(0, len(texts), self.batch_size):
+                tokens, mask = objective.encode_text_tokens(self.tokenizer(texts[i:i + self.batch_size]).to(device))
+                packed.append(torch.cat([tokens.flatten(1), mask.float()], dim=1))
+            return torch.cat(packed)
+        return encode_image, encode_text
+
+    @staticmethod
+    def _unpack_tokens(packed: torch.Tensor, dim: int, with_mask: bool):
+        """Inverse of the packing above. The embedding path L2-normalizes each packed row, a
+        uniform scale per row, so re-normalizing each token restores it exactly."""
+        if not with_mask:
+            return F.normalize(packed.reshape(len(packed), -1, dim), dim=-1), None
+        length = packed.shape[1] // (dim + 1)
+        tokens = packed[:, : length * dim].reshape(len(packed), length, dim)
+        return F.normalize(tokens, dim=-1), packed[:, length * dim:] > 0
+
+    def _late_interaction(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device,
+                          tag: str | None) -> dict[str, dict[str, float]]:
+        encode_image, encode_text = self._token_encoders(objective, device)
+        tasks = [t for t in spec.tasks if t != "captioning"]
+        class_kwargs = {}
+        with torch.no_grad():
+            if "zeroshot_classification" in tasks:
+                prompts = [t.replace("{c}", c) for c in spec.classnames for t in spec.templates]  # class-major
+                class_tokens, class_mask = objective.encode_text_tokens(self.tokenizer(prompts).to(device))
+                class_kwargs = dict(class_tokens=class_tokens.cpu(), class_mask=class_mask.cpu(),
+                                    num_classes=len(spec.classnames))
+            dim = objective.encode_text_tokens(self.tokenizer(["a"]).to(device))[0].shape[-1]
+        emb = self._embedded(spec, encode_image, encode_text, device, tag and f"{tag}-tokens")
+        image_tokens, _ = self._unpack_tokens(emb.image_emb.cpu(), dim, with_mask=False)
+        text_tokens, text_mask = self._unpack_tokens(emb.text_emb.cpu(), dim, with_mask=True)
+        return late_interaction_metrics(objective.loss.similarity, image_tokens=image_tokens, tasks=tasks,
+                                        labels=emb.labels.cpu(), text_tokens=text_tokens, text_mask=text_mask,
+                                        text_image_index=emb.text_image_index.cpu(), **class_kwargs)
+
     def run(self, objective: nn.Module, *, device: torch.device | str, step: int | None = None,
             tag: str | None = None) -> dict[str, float]:
-        """Scores every set; `tag` (or "step_<step>") names the checkpoint in the embedding cache key."""
+        """Scores every set; `tag` (or "step_<step>") names the checkpoint in the embedding cache key.
+
+        A FILIP objective (its loss needs token features) is scored by token-wise late
+        interaction; a set with the `captioning` task also gets caption CE, BLEU-4 and CIDEr.
+        """
         device = torch.device(device)
         tag = tag if tag is not None else (f"step_{step}" if step is not None else None)
         encode_image, encode_text = self._encoders(objective, device)
+        token_wise = "image_tokens" in getattr(getattr(objective, "loss", None), "needs", ())
         results: dict[str, dict[str, dict[str, float]]] = {}
         for spec in self.specs:
-            with torch.no_grad():
-                classifier = (zeroshot_classifier(encode_text, spec.classnames, spec.templates)
-                              if "zeroshot_classification" in spec.tasks else None)
-            emb = self._embedded(spec, encode_image, encode_text, device, tag)
-            results[spec.name] = evaluate_embedded(emb, tasks=spec.tasks, classifier=classifier, search=self.search)
+            tasks = [t for t in spec.tasks if t != "captioning"]
+            if token_wise:
+                results[spec.name] = self._late_interaction(spec, objective, device, tag)
+            else:
+                with torch.no_grad():
+                    classifier = (zeroshot_classifier(encode_text, spec.classnames, spec.templates)
+                                  if "zeroshot_classification" in tasks else None)
+                emb = self._embedded(spec, encode_image, encode_text, device, tag)
+                results[spec.name] = evaluate_embedded(emb, tasks=tasks, classifier=classifier, search=self.search)
+            if "captioning" in spec.tasks:
+                results[spec.name]["captioning"] = self._captioning(spec, objective, device)
         self.last_results = results
         if distributed.rank() == 0 and self.out_dir is not None:
             for set_name, tasks in results.items():
@@ -166,6 +227,17 @@ class EvalSuite:
                                          model=self.model_name, pretrained=self.pretrained, task=task,
                                          metrics=metrics)
         return {f"{s}/{m}": v for s, tasks in results.items() for metrics in tasks.values() for m, v in metrics.items()}
+
+    def _captioning(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device) -> dict:
+        model = getattr(objective, "model", objective)
+        if not hasattr(model, "text_decoder"):
+            raise ClipkitConfigError(f"eval.sets.{spec.name}.tasks has captioning, which needs a CoCa model "
+                                     f"(model=tiny_coca); drop the task for {type(model).__name__}")
+        metrics, captions = evaluate_captioning(model, self._local_batches(spec), self.tokenizer, device=device)
+        if distributed.rank() == 0 and self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / f"{spec.name}_captions.json").write_text(json.dumps(captions, indent=1))
+        return metrics
 
     def results_table(self) -> str:
         return format_results_table(self.last_results)

@@ -37,6 +37,10 @@ def test_family_trains_evaluates_and_exports(family, digits_root, demo_export):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     result = json.loads((run_dir / "eval" / "digits_zeroshot_classification.json").read_text())
     assert 0.0 <= result["metrics"]["acc1"] <= 1.0
+    if family == "coca":  # the experiment adds the captioning task to the digits set
+        captioning = json.loads((run_dir / "eval" / "digits_captioning.json").read_text())["metrics"]
+        assert captioning["caption_ce"] > 0 and {"bleu4", "cider"} <= set(captioning)
+        assert len(json.loads((run_dir / "eval" / "digits_captions.json").read_text())) == 360
 
     cfg = json.loads((run_dir / "open_clip_config.json").read_text())
     name = f"clipkit-e2e-{family}"

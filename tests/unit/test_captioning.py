@@ -80,10 +80,10 @@ def test_captioning_eval_reports_ce_bleu_and_cider():
     model, tokenizer = tiny_coca()
     batch = EvalBatch(images=torch.randn(3, 3, 32, 32), captions=[["a photo of the digit 1"], ["a photo of the digit 2",
                       "a photo of a two"], ["a photo of the digit 3"]], labels=torch.tensor([1, 2, 3]), keys=["a", "b", "c"])
-    metrics = evaluate_captioning(model, [batch], tokenizer, device=torch.device("cpu"))
+    metrics, captions = evaluate_captioning(model, [batch], tokenizer, device=torch.device("cpu"))
     assert abs(metrics["caption_ce"] - math.log(49408)) < 0.5  # untrained: near uniform
     assert 0.0 <= metrics["bleu4"] <= 1.0 and metrics["cider"] >= 0.0
-    assert len(metrics["examples"]) == 3
+    assert [c["references"] for c in captions] == batch.captions
 
 
 def test_corpus_scores_are_perfect_for_exact_captions_and_lower_otherwise():
