@@ -28,6 +28,19 @@ def load_open_clip(model_name: str, pretrained: str | None, device: torch.device
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
+def run_scoring_loss(run_dir: str | None):
+    """The run's own loss when it scores pairs token-wise (FILIP), so that clipkit-eval scores
+    a FILIP run the way its training-time evals did; None (pooled embeddings) otherwise."""
+    if run_dir is None or not (Path(run_dir) / "config.yaml").exists():
+        return None
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    loss_cfg = OmegaConf.load(Path(run_dir) / "config.yaml").loss
+    loss = instantiate({k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items() if k != "name"})
+    return loss if "image_tokens" in getattr(loss, "needs", ()) else None
+
+
 def checkpoint_tag(run_dir: str | None, pretrained: str | None) -> str:
     """Names the weights being scored, for the embedding cache key: the run's latest
     checkpoint step, or the weights file's name and modification time."""
@@ -70,7 +83,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     suite = EvalSuite(specs, preprocess=preprocess, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
                       out_dir=Path(cfg.out_dir), model_name=label, pretrained=str(pretrained or label),
                       search=search_config(cfg.eval), cache_dir=cfg.eval.get("cache_dir"))
-    metrics = suite.run(ContrastiveObjective(model, loss=None), device=device,
+    metrics = suite.run(ContrastiveObjective(model, loss=run_scoring_loss(cfg.run_dir)), device=device,
                         tag=checkpoint_tag(cfg.run_dir, pretrained))
     write_summary(cfg.out_dir, label, suite.last_results)
     print(suite.results_table(), flush=True)

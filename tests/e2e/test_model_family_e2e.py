@@ -56,3 +56,18 @@ def test_family_trains_evaluates_and_exports(family, digits_root, demo_export):
         torch.testing.assert_close(model.encode_image(images, normalize=True), ours.encode_image(images),
                                    rtol=1e-5, atol=1e-5)
     assert type(model).__name__ == ("CoCa" if family == "coca" else "CLIP")
+
+
+def test_clipkit_eval_scores_a_filip_run_token_wise(digits_root, demo_export):
+    """clipkit-eval on a FILIP run gives the numbers of the run's own (token-wise) final eval."""
+    run_dir = digits_root / "outputs" / "family_filip"
+    if not run_dir.exists():
+        run_cli([*TRAIN, "experiment=filip_digits", "debug=fast", "trainer.max_steps=4", "run_name=family_filip"],
+                digits_root)
+    out = digits_root / "outputs" / "eval_filip"
+    run_cli([sys.executable, "-m", "clipkit.evaluate", f"run_dir={run_dir}", f"out_dir={out}"], digits_root)
+    for task in ("zeroshot_classification", "retrieval"):
+        during = json.loads((run_dir / "eval" / f"digits_{task}.json").read_text())["metrics"]
+        after = json.loads((out / f"digits_{task}.json").read_text())["metrics"]
+        for key, value in during.items():
+            assert after[key] == pytest.approx(value, abs=1e-6), (task, key)
