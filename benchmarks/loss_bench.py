@@ -1,4 +1,5 @@
-"""Contrastive-loss fwd+bwd time and peak memory: clipkit chunked vs open_clip vs clipkit naive.
+"""Contrastive-loss fwd+bwd time and peak memory: clipkit chunked vs open_clip vs clipkit naive,
+for CLIP, SigLIP and CLIP + distillation (`--kinds clip siglip distill`).
 
     python benchmarks/loss_bench.py                        # B in 4096 8192 16384, D=512, fp32
     python benchmarks/loss_bench.py --batch 4096 8192 --reps 3 --out /tmp/bench.json
@@ -8,7 +9,8 @@ Every (loss, implementation, B) runs in its own subprocess so that its peak resi
 memory is the loss's own: the kernel's peak-RSS mark is reset once the inputs exist
 (/proc/self/clear_refs), and the reported peak is VmHWM minus the RSS at that point.
 Children run with MALLOC_MMAP_THRESHOLD_=1 MiB so freed blocks go back to the OS. Prints a table
-with ratios to open_clip and writes JSON to `--out`. CPU only for now; the device is printed.
+with ratios to open_clip and writes JSON to `--out`. CPU; the GPU benchmark (Triton,
+Inf-CL, torch.compile) is `benchmarks/loss_bench_gpu.py`. The device is printed.
 """
 
 from __future__ import annotations
@@ -27,27 +29,54 @@ from pathlib import Path
 IMPLS = {
     "clip": ["open_clip", "naive", "chunked"],
     "siglip": ["open_clip", "naive", "chunked"],
+    "distill": ["open_clip", "naive", "chunked"],  # CLIP + KL to a teacher's logits (D_t = D)
 }
 
 
+def _distill_fn(impl: str, chunk: int):
+    """(image, text, scale, bias, teacher_image, teacher_text) -> CLIP + distillation loss."""
+    if impl == "open_clip":
+        from open_clip.loss import DistillClipLoss
+        module = DistillClipLoss()
+
+        def fn(i, t, s, b, ti, tt):
+            return sum(module(i, t, s, ti, tt, s.detach() * 1.5))
+        return fn
+    if impl == "naive":
+        from clipkit.losses.functional import clip_loss_block, distill_kl_block
+
+        def fn(i, t, s, b, ti, tt):
+            ts = s.detach() * 1.5
+            kl = distill_kl_block(i, t, s, ti, tt, ts) + distill_kl_block(t, i, s, tt, ti, ts)
+            return clip_loss_block(i, t, i, t, s, 0) + kl / (2 * len(i))
+        return fn
+    from clipkit.losses.fused import fused_clip_loss, fused_distill_kl
+
+    def fn(i, t, s, b, ti, tt):
+        return fused_clip_loss(i, t, s, chunk=chunk) + fused_distill_kl(i, t, s, ti, tt, s.detach() * 1.5, chunk=chunk)
+    return fn
+
+
 def _loss_fn(kind: str, impl: str, chunk: int):
-    """(image, text, scale, bias) -> scalar loss for one implementation."""
+    """(image, text, scale, bias, teacher_image, teacher_text) -> scalar loss for one implementation."""
+    if kind == "distill":
+        return _distill_fn(impl, chunk)
     if impl == "open_clip":
         from open_clip.loss import ClipLoss, SigLipLoss
         if kind == "clip":
             module = ClipLoss()
-            return lambda i, t, s, b: module(i, t, s)
+            return lambda i, t, s, b, *_: module(i, t, s)
         module = SigLipLoss()
-        return lambda i, t, s, b: module(i, t, s, b)
+        return lambda i, t, s, b, *_: module(i, t, s, b)
     if impl == "naive":
         from clipkit.losses.functional import clip_loss_block, siglip_loss_block
         if kind == "clip":
-            return lambda i, t, s, b: clip_loss_block(i, t, i, t, s, 0)
-        return lambda i, t, s, b: siglip_loss_block(i, t, s, b, 0)
+            return lambda i, t, s, b, *_: clip_loss_block(i, t, i, t, s, 0)
+        return lambda i, t, s, b, *_: siglip_loss_block(i, t, s, b, 0)
     from clipkit.losses.fused import fused_clip_loss, fused_siglip_loss
     if kind == "clip":
-        return lambda i, t, s, b: fused_clip_loss(i, t, s, impl=impl, chunk=chunk)
-    return lambda i, t, s, b: fused_siglip_loss(i, t, s, b, impl=impl, chunk=chunk)
+        return lambda i, t, s, b, *_: fused_clip_loss(i, t, s, impl=impl, chunk=chunk)
+    return lambda i, t, s, b, *_: fused_siglip_loss(i, t, s, b, impl=impl, chunk=chunk)
 
 
 def _status_kib(field: str) -> int:
@@ -79,13 +108,14 @@ def measure(kind: str, impl: str, batch: int, dim: int, chunk: int, reps: int) -
     text = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
     scale = torch.tensor(14.3, requires_grad=True)
     bias = torch.tensor(-10.0, requires_grad=True)
+    teacher = [F.normalize(torch.randn(batch, dim, generator=g), dim=-1) for _ in range(2)]
     fn = _loss_fn(kind, impl, chunk)
     base_kib, exact = reset_peak_rss_kib()
     times = []
     for _ in range(reps + 1):  # the first run warms up and is dropped
         image.grad = text.grad = scale.grad = bias.grad = None
         start = time.perf_counter()
-        fn(image, text, scale, bias).backward()
+        fn(image, text, scale, bias, *teacher).backward()
         times.append(time.perf_counter() - start)
     peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"kind": kind, "impl": impl, "batch": batch, "dim": dim, "chunk": chunk if impl == "chunked" else None,
