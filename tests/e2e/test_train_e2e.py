@@ -130,7 +130,7 @@ def test_demo_experiment_with_siglip(digits_root):
 
 @pytest.mark.parametrize("override,expected", [
     ("data.train_urls='/nonexistent/{00000..00003}.tar'", "shard not found: /nonexistent/00000.tar"),
-    ("loss=focal", "Could not find 'loss/focal'; Available options in 'loss': clip; siglip"),
+    ("loss=focal", "Could not find 'loss/focal'; Available options in 'loss': clip; coca; distill; filip; siglip"),
     ("trainer.max_stpes=5", "Could not override 'trainer.max_stpes'"),
 ])
 def test_bad_input_is_one_line_before_any_worker(digits_root, override, expected):
