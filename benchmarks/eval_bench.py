@@ -189,8 +189,9 @@ def main() -> None:
         if base and "search_s" in r:
             r["seconds_over_clipkit_exact"] = round(r["search_s"] / base, 2)
     for r in report["results"]:
+        recall = r.get(f"recall_vs_exact@{args.k}", "-")
         print(f"{r['method']:14s} {r.get('search_s', r['status'])!s:>9} s  x{r.get('seconds_over_clipkit_exact', '-')}"
-              f"  peak {r.get('peak_minus_imports_over_gallery', '-')}x gallery  recall {r.get(f'recall_vs_exact@{args.k}', '-')}")
+              f"  peak {r.get('peak_minus_imports_over_gallery', '-')}x gallery  recall {recall}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

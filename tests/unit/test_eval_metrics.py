@@ -32,7 +32,8 @@ try:
 except ImportError:
     cb_classification = cb_retrieval = None
 needs_clip_benchmark = pytest.mark.skipif(
-    cb_retrieval is None, reason="clip-benchmark missing: pip install --no-deps clip-benchmark==1.6.2 (make setup does)")
+    cb_retrieval is None,
+    reason="clip-benchmark missing: pip install --no-deps clip-benchmark==1.6.2 (make setup does)")
 from open_clip_train import train as oc_train  # noqa: E402  (in the open_clip_torch wheel)
 from open_clip_train import zero_shot as oc_zero_shot  # noqa: E402
 
