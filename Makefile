@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# CLIP_benchmark's metric code, for the parity tests. --no-deps: its requirements (transformers,
+	@# pycocoevalcap with Java jars) serve its CLI; the metric modules need only torch, tqdm, sklearn.
+	$(BIN)/pip install --quiet --no-deps clip-benchmark==1.6.2
 	@# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~1 min); do it once here.
 	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b.load() if b is not None and b.is_compatible() else None"
 	touch $(STAMP)

@@ -51,20 +51,14 @@ def checkpoint_tag(run_dir: str | None, pretrained: str | None) -> str:
     return f"{path.name}-{path.stat().st_mtime_ns}" if pretrained and path.is_file() else str(pretrained)
 
 
-def search_config(eval_cfg: DictConfig):
-    """`eval.search` (optional in older configs) -> SearchConfig."""
-    from clipkit.eval.runner import SearchConfig
-
-    return SearchConfig(**dict(eval_cfg.get("search") or {}))
-
-
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from clipkit.checkpoint import export_open_clip
     from clipkit.eval.runner import write_summary
-    from clipkit.eval.suite import EvalSuite, build_eval_specs
+    from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config
     from clipkit.objective import ContrastiveObjective
 
     specs = build_eval_specs(cfg.eval.sets)
+    search = build_search_config(cfg.eval)
     if not specs:
         raise ClipkitConfigError("no eval sets: choose one with eval=<name> (see conf/eval/)")
     if (cfg.run_dir is None) == (cfg.model_name is None):
@@ -82,7 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model, preprocess, tokenizer = load_open_clip(model_name, pretrained, device)
     suite = EvalSuite(specs, preprocess=preprocess, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
                       out_dir=Path(cfg.out_dir), model_name=label, pretrained=str(pretrained or label),
-                      search=search_config(cfg.eval), cache_dir=cfg.eval.get("cache_dir"))
+                      search=search, cache_dir=cfg.eval.get("cache_dir"))
     metrics = suite.run(ContrastiveObjective(model, loss=run_scoring_loss(cfg.run_dir)), device=device,
                         tag=checkpoint_tag(cfg.run_dir, pretrained))
     write_summary(cfg.out_dir, label, suite.last_results)

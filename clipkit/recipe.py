@@ -26,7 +26,7 @@ from clipkit.checkpoint import OPEN_CLIP_CONFIG, Checkpointer, atomic_write_text
 from clipkit.data import build_train_loader, expand_urls
 from clipkit.engine import build_optimizer, cosine_with_warmup, initialize_engine, render_deepspeed_config
 from clipkit.errors import ClipkitConfigError
-from clipkit.eval.suite import EvalSuite, build_eval_specs
+from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config
 from clipkit.loggers import build_loggers
 from clipkit.models import ModelBundle, build_model, build_teacher_model, lock_towers, open_clip_config
 from clipkit.objective import OUTPUTS, ContrastiveObjective, Teacher
@@ -153,6 +153,12 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     # User input first: paths, batch split, resume target.
     train_urls = expand_urls(cfg.data.train_urls)
     eval_specs = build_eval_specs(cfg.eval.sets)
+    eval_search = build_search_config(cfg.eval)
+    if cfg.eval.get("cache_dir"):
+        # The cache is keyed by (model, set, step): two runs of one architecture would share
+        # entries, and a run never re-embeds the same weights, so there is nothing to reuse.
+        raise ClipkitConfigError("eval.cache_dir is for clipkit-eval; training evals embed new weights "
+                                 "at every step, so unset it for clipkit-train")
     run_dir = Path(cfg.paths.run_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=cfg.trainer.keep_last_checkpoints)
     resume_tag = checkpointer.resolve_resume(cfg.trainer.resume)
@@ -182,7 +188,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
                             run_dir=run_dir, run_name=cfg.run_name,
                             config=OmegaConf.to_container(cfg, resolve=True), is_main=info.is_main)
     suite = EvalSuite(eval_specs, preprocess=bundle.preprocess_val, tokenizer=bundle.tokenizer,
-                      batch_size=cfg.eval.batch_size, out_dir=run_dir / "eval", model_name=bundle.name)
+                      batch_size=cfg.eval.batch_size, out_dir=run_dir / "eval", model_name=bundle.name,
+                      search=eval_search)
 
     def evaluate(step: int) -> dict[str, float]:
         engine.eval()

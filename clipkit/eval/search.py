@@ -1,9 +1,15 @@
-"""Exact top-k inner-product search over a gallery of any size, with FAISS.
+"""Exact top-k inner-product search over a gallery of any size, on CPU or with faiss-gpu.
 
-The gallery is searched in chunks (`faiss.knn` on CPU, reading the gallery in place; one
-`GpuIndexFlatIP` per chunk on GPU) and every chunk's top-k is merged into one running
-heap, so memory beyond the gallery is the [Q, k] results (plus one chunk on GPU or for
-a non-contiguous/memmapped gallery), however large the gallery is.
+Three exact kernels, one contract (`topk_inner_product`):
+- CPU, `method="certified"` (the CPU default where torch's int8 GEMM works): an int8 GEMM
+  filters with a proven error bound and float64 rescoring decides
+  (`clipkit.eval.certified`); ties go to the lower gallery row.
+- CPU, `method="faiss"`: `faiss.knn` (IndexFlatIP's float32 BLAS search) per gallery chunk,
+  reading the gallery in place.
+- GPU (faiss-gpu installed and a GPU visible, or `use_gpu=True`): one `GpuIndexFlatIP` per
+  chunk. faiss-cpu has no GPU support, so this path is only taken when faiss-gpu is there.
+Chunks' top-k are merged into one running heap, so memory beyond the gallery is bounded
+(the [Q, k] results plus one tile) however large the gallery is.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import faiss
 import numpy as np
 
 from clipkit.errors import ClipkitConfigError
+from clipkit.eval.certified import certified_topk, int8_matmul_available
+
+EXACT_METHODS = ("auto", "certified", "faiss")
 
 
 def gpu_faiss_available() -> bool:
@@ -55,6 +64,7 @@ def topk_inner_product(
     *,
     gallery_chunk: int = 262144,
     use_gpu: bool | None = None,
+    method: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of `queries @ gallery.T` per query row.
 
@@ -64,6 +74,8 @@ def topk_inner_product(
         k: results per query; clipped to N.
         gallery_chunk: gallery rows per FAISS index; bounds memory for any N.
         use_gpu: None = faiss-gpu when available, True = require it, False = CPU.
+        method: the CPU kernel (module docstring): "auto" is "certified" when torch's int8
+            GEMM works here, else "faiss". "certified" never runs on GPU.
 
     Returns:
         scores [Q, min(k, N)] float32 and indices [Q, min(k, N)] int64 (rows of
@@ -73,14 +85,20 @@ def topk_inner_product(
         raise ValueError(f"expected [Q, D] and [N, D], got {queries.shape} and {gallery.shape}")
     if k < 1 or gallery_chunk < 1:
         raise ValueError(f"k and gallery_chunk must be >= 1, got {k} and {gallery_chunk}")
+    if method not in EXACT_METHODS:
+        raise ValueError(f"method={method!r}: choose from {EXACT_METHODS}")
     if use_gpu and not gpu_faiss_available():
         raise ClipkitConfigError("use_gpu=True but faiss has no GPU support here; install faiss-gpu or set it to false")
-    gpu = gpu_faiss_available() if use_gpu is None else use_gpu
+    if use_gpu and method == "certified":
+        raise ValueError("method='certified' runs on CPU; pass use_gpu=False or method='auto'/'faiss'")
+    gpu = (gpu_faiss_available() and method != "certified") if use_gpu is None else use_gpu
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     n, dim = gallery.shape
     k = min(k, n)
     if k == 0:
         return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+    if not gpu and (method == "certified" or (method == "auto" and int8_matmul_available())):
+        return certified_topk(queries, gallery, k)
 
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for start in range(0, n, gallery_chunk):

@@ -8,7 +8,7 @@ the same metrics a 1-process eval would. Rank 0 writes one CLIP_benchmark JSON p
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -89,6 +89,19 @@ def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
         specs.append(EvalSetSpec(name, urls, tasks, classnames and list(classnames),
                                  templates and list(templates), source, path, reader_args))
     return specs
+
+
+def build_search_config(eval_cfg: Any) -> SearchConfig:
+    """`eval.search` -> SearchConfig, for `clipkit-eval` and training-time evals alike.
+
+    A config without `search` (written before it existed) gets exact search.
+    """
+    search = dict(eval_cfg.get("search") or {})
+    unknown = sorted(set(search) - {f.name for f in fields(SearchConfig)})
+    if unknown:
+        raise ClipkitConfigError(f"eval.search: unknown key(s) {unknown}; "
+                                 f"known: {[f.name for f in fields(SearchConfig)]}")
+    return SearchConfig(**search)
 
 
 class EvalSuite:

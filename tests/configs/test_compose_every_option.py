@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from clipkit.config import CONF_DIR
 from clipkit.data import expand_urls
 from clipkit.engine import build_optimizer, cosine_with_warmup, render_deepspeed_config
-from clipkit.eval.suite import build_eval_specs
+from clipkit.eval.suite import build_eval_specs, build_search_config
 from clipkit.loggers import build_loggers
 from clipkit.recipe import build_loss, build_objective, build_towers
 
@@ -60,6 +60,7 @@ def test_option_composes_and_builds(group, option, digits_root, demo_export, tmp
         assert expand_urls(cfg.data.train_urls)
     if group in ("eval", "experiment"):
         build_eval_specs(cfg.eval.sets)
+        assert build_search_config(cfg.eval).index == "flat"  # exact unless asked otherwise
     if group == "logger":
         wandb_cfg = OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.wandb else None
         loggers = build_loggers(wandb_cfg, run_dir=tmp_path, run_name=f"compose-{option}", config={}, is_main=True)

@@ -95,6 +95,21 @@ def test_clipkit_eval_scores_a_run_directory(fast_run, digits_root):
     assert eval_acc1 == pytest.approx(train_acc1, abs=1e-6)
 
 
+def test_training_evals_use_the_configured_search(digits_root):
+    # 4 IVF lists, 1 probed: a really approximate index, so its recall against exact search shows.
+    run_cli([*TRAIN, *FAST, "run_name=approx", "eval.search.index='IVF4,Flat'", "eval.search.nprobe=1"], digits_root)
+    run_dir = digits_root / "outputs" / "approx"
+    evals = [r for r in metrics(run_dir) if "digits/acc1" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    for record in evals:
+        for direction in ("image", "text"):
+            assert 0.0 < record[f"digits/{direction}_retrieval_search_recall_vs_exact@10"] < 1.0
+            assert f"digits/{direction}_retrieval_mean_rank" not in record  # exact search only
+    retrieval = json.loads((run_dir / "eval" / "digits_retrieval.json").read_text())["metrics"]
+    key = "image_retrieval_search_recall_vs_exact@10"
+    assert retrieval[key] == evals[-1][f"digits/{key}"]
+
+
 def test_two_process_torchrun_zero2(digits_root):
     run_cli(torchrun(2, ["-m", "clipkit.train", *FAST, "run_name=ddp_z2", "trainer=zero2", "data.workers=1"]),
             digits_root)
@@ -132,6 +147,8 @@ def test_demo_experiment_with_siglip(digits_root):
     ("data.train_urls='/nonexistent/{00000..00003}.tar'", "shard not found: /nonexistent/00000.tar"),
     ("loss=focal", "Could not find 'loss/focal'; Available options in 'loss': clip; coca; distill; filip; siglip"),
     ("trainer.max_stpes=5", "Could not override 'trainer.max_stpes'"),
+    ("eval.search.index=annoy", "eval.search.index='annoy'"),
+    ("eval.cache_dir=/tmp/emb", "eval.cache_dir is for clipkit-eval"),
 ])
 def test_bad_input_is_one_line_before_any_worker(digits_root, override, expected):
     proc = run_cli([*CONSOLE_TRAIN, "debug=fast", override], digits_root, check=False)

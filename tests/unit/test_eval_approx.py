@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval import EmbeddedSet, SearchConfig, evaluate_embedded
 from clipkit.eval.search import (approximate_topk, build_index, factory_string, recall_vs_exact, set_search_params,
                                  topk_inner_product)
+from clipkit.eval.suite import build_search_config
 
 
 def _clustered(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -76,3 +78,11 @@ def test_search_config_rejects_unknown_index() -> None:
         SearchConfig(index="annoy")
     with pytest.raises(ClipkitConfigError, match=">= 1"):
         SearchConfig(nprobe=0)
+
+
+def test_build_search_config_reads_the_eval_section() -> None:
+    assert build_search_config(OmegaConf.create({"batch_size": 8})) == SearchConfig()  # older configs: exact
+    cfg = OmegaConf.create({"search": {"index": "hnsw", "ef_search": 128}})
+    assert build_search_config(cfg) == SearchConfig(index="hnsw", ef_search=128)
+    with pytest.raises(ClipkitConfigError, match="unknown key"):
+        build_search_config(OmegaConf.create({"search": {"nlist": 4}}))
