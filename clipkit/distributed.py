@@ -70,6 +70,23 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`op` ("sum" | "min" | "max") of `value` over ranks, as a new tensor; no autograd."""
+    out = value.detach().clone()
+    if is_initialized():
+        dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return out
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank."""
     if not is_initialized():
