@@ -24,11 +24,11 @@ import logging
 import os
 import re
 import tarfile
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from time import sleep
 
 from webdataset.gopen import gopen
 
@@ -108,7 +108,7 @@ class ShardReader:
         error: Exception | None = None
         for attempt in range(1 + self.open_retries):
             if attempt:
-                time.sleep(self.retry_delay_s * attempt)
+                sleep(self.retry_delay_s * attempt)
             stream = None
             try:
                 stream = open(path, "rb") if is_local(path) else gopen(url, "rb")
