@@ -7,11 +7,11 @@ from clipkit.data.loader import TrainLoader, build_sources, build_train_loader
 from clipkit.data.stream import ShardStream, StreamPosition, StreamSettings
 from clipkit.data.tar_reader import SKIP_REASONS, ShardReader
 from clipkit.data.urls import Source, expand_sources, expand_urls
-from clipkit.data.writer import samples_from_csv, samples_from_folder, write_shards
+from clipkit.data.writer import Row, rows_from_folder, rows_from_table, write_eval_metadata, write_rows, write_shards
 
 __all__ = [
     "DIGIT_CLASSNAMES", "DIGIT_TEMPLATES", "EvalBatch", "ImageDecoder", "SKIP_REASONS", "ShardReader", "ShardStream",
     "Source", "StreamPosition", "StreamSettings", "TrainLoader", "build_sources", "build_train_loader",
-    "expand_sources", "expand_urls", "iter_eval_batches", "read_set_metadata", "samples_from_csv",
-    "samples_from_folder", "write_digits_shards", "write_shards",
+    "expand_sources", "expand_urls", "iter_eval_batches", "read_set_metadata", "Row", "rows_from_folder",
+    "rows_from_table", "write_digits_shards", "write_eval_metadata", "write_rows", "write_shards",
 ]
