@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import tarfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -51,12 +51,29 @@ class ImageRef:
     size: int
 
     def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.size)
+        data = os.pread(_fd(self.path), self.size, self.offset)
         if len(data) != self.size:
             raise OSError(f"{self.path} changed under the reader")
         return data
+
+
+_FDS: OrderedDict[str, int] = OrderedDict()
+_MAX_FDS = 16
+
+
+def _fd(path: str) -> int:
+    """A read-only descriptor for `path` from a small per-process LRU.
+
+    Reads use pread, which leaves the file offset alone, so a descriptor inherited by a
+    forked dataloader worker is as safe to use (or close) there as in the parent.
+    """
+    fd = _FDS.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        while len(_FDS) >= _MAX_FDS:
+            os.close(_FDS.popitem(last=False)[1])
+    _FDS[path] = fd
+    return fd
 
 
 @dataclass(frozen=True)
