@@ -17,8 +17,13 @@ ViT-B-32 train transform and tokenizer, shuffle buffer 1000, batch 32):
     clipkit          clipkit.data.TrainLoader (JPEG draft decode on)
     clipkit_nodraft  the same with data.jpeg_draft=false, to separate the draft decode's share
 
-Each (pipeline, size, workers) runs in its own subprocess. Samples/s is measured after the
-first max(1, workers) batches (worker start-up excluded). Peak memory is the peak of the
+Each (pipeline, size, workers) runs in its own subprocess, `--repeats` fresh pipelines in a
+row, and the medians are reported. Samples/s is wall-clock, measured after the first
+max(1, workers) batches (worker start-up excluded). CPU ms/sample is the user+system time of
+the loader process and its workers over the same span: on a machine shared with other jobs
+it is the steadier number, and for a CPU-bound loader its ratio is the throughput ratio an
+idle machine would show. The printed ratios are speed (samples/s) and CPU efficiency
+(plain's CPU per sample over the pipeline's) against plain at equal workers. Peak memory is the peak of the
 summed PSS of the loader process and its workers, sampled every 0.1 s (PSS splits the pages
 forked workers share, so the sum is not inflated). A cProfile of each pipeline at workers=0
 on the largest size says where the time goes. Writes JSON to `--out`.
@@ -140,23 +145,45 @@ class PeakPss:
         self._thread.join()
 
 
-def measure(name: str, urls: list[str], workers: int, samples: int) -> dict:
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (the dataloader workers)."""
+    import psutil
+
+    total = 0.0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except Exception:  # noqa: BLE001 - a worker that just exited
+            pass
+    return total
+
+
+def measure(name: str, urls: list[str], workers: int, samples: int, repeats: int) -> dict:
+    """Median over `repeats` fresh pipelines of wall samples/s and CPU ms per sample."""
+    import statistics
+
     import torch
 
     torch.set_num_threads(1)
+    rates, cpu_ms = [], []
     with PeakPss() as memory:
-        batches = iter(build_pipeline(name, urls, workers))
-        for _ in range(max(1, workers)):   # start-up: workers forked and their first batch decoded
-            next(batches)
-        t0, seen = time.perf_counter(), 0
-        while seen < samples:
-            images, tokens = next(batches)
-            assert images.shape == (BATCH, 3, MODEL_INPUT, MODEL_INPUT) and tokens.shape == (BATCH, 77)
-            seen += len(images)
-        elapsed = time.perf_counter() - t0
-        del batches
-    return {"samples": seen, "seconds": round(elapsed, 3), "samples_per_s": round(seen / elapsed, 1),
-            "peak_pss_mib": round(memory.peak, 1)}
+        for _ in range(repeats):
+            batches = iter(build_pipeline(name, urls, workers))
+            for _ in range(max(1, workers)):   # start-up: workers forked and their first batch decoded
+                next(batches)
+            t0, c0, seen = time.perf_counter(), cpu_seconds(), 0
+            while seen < samples:
+                images, tokens = next(batches)
+                assert images.shape == (BATCH, 3, MODEL_INPUT, MODEL_INPUT) and tokens.shape == (BATCH, 77)
+                seen += len(images)
+            cpu = cpu_seconds() - c0
+            rates.append(seen / (time.perf_counter() - t0))
+            cpu_ms.append(1000 * cpu / seen)
+            del batches
+    return {"samples": seen, "repeats": repeats, "samples_per_s": round(statistics.median(rates), 1),
+            "samples_per_s_all": [round(r, 1) for r in rates],
+            "cpu_ms_per_sample": round(statistics.median(cpu_ms), 2), "peak_pss_mib": round(memory.peak, 1)}
 
 
 # -- profile ---------------------------------------------------------------------------------
@@ -169,7 +196,7 @@ CATEGORIES = (  # (category, substrings of cProfile "file:function" labels), fir
     ("tokenize", ("tokenizer.py", "_regex", "ftfy", "html")),
     ("augmentation RNG", ("get_params", "uniform_", "randint", "manual_seed", "random.py", "fork_rng")),
     ("to tensor + normalize", ("torch._C.TensorBase", "torch.tensor", "torch.as_tensor", "from_numpy",
-                               "numpy.array", "_functional", "functional.py", "transforms.py")),
+                               "numpy.array", "_functional", "functional.py", "transforms.py", "tobytes")),
     ("tar read / shuffle", ("tarfile", "tar_reader", "'read' of '_io", "pread", "gopen", "tariterators",
                             "stream.py:_shuffled", "filters.py", "'readinto'")),
 )
@@ -201,6 +228,7 @@ def profile(name: str, urls: list[str], samples: int) -> dict:
 
 def run_child(args: argparse.Namespace, **kw) -> dict:
     cmd = [sys.executable, __file__, "--data-dir", args.data_dir, "--images", str(args.images),
+           "--repeats", str(args.repeats),
            *[f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
@@ -214,6 +242,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--pipelines", default="plain,clipkit,clipkit_nodraft")
     p.add_argument("--samples", type=int, default=512, help="samples timed per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per point; the median is reported")
     p.add_argument("--images", type=int, default=1024, help="images per size in the generated shards")
     p.add_argument("--profile-samples", type=int, default=256)
     p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "clipkit_data_bench"))
@@ -227,7 +256,7 @@ def main() -> None:
     root = Path(args.data_dir)
     if args.child:
         urls = make_shards(root, args.size, args.images)
-        result = (measure(args.pipeline, urls, args.nworkers, args.n) if args.child == "measure"
+        result = (measure(args.pipeline, urls, args.nworkers, args.n, args.repeats) if args.child == "measure"
                   else profile(args.pipeline, urls, args.n))
         print(json.dumps(result))
         return
@@ -238,9 +267,10 @@ def main() -> None:
     report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "python": platform.python_version()},
                     "config": {"batch": BATCH, "shuffle": SHUFFLE, "model_input": MODEL_INPUT,
-                               "samples": args.samples, "images": args.images}, "runs": [], "ratios": [],
+                               "samples": args.samples, "repeats": args.repeats, "images": args.images},
+                    "runs": [], "ratios": [],
                     "profile": {}}
-    print(f"{'size':>5} {'workers':>7} {'pipeline':>16} {'samples/s':>10} {'peak PSS MiB':>13}")
+    print(f"{'size':>5} {'workers':>7} {'pipeline':>16} {'samples/s':>10} {'CPU ms/sample':>14} {'peak PSS MiB':>13}")
     for size in args.sizes:
         for workers in args.workers:
             row = {}
@@ -249,14 +279,17 @@ def main() -> None:
                 row[name] = result
                 report["runs"].append({"size": size, "workers": workers, "pipeline": name, **result})
                 print(f"{size:>5} {workers:>7} {name:>16} {result['samples_per_s']:>10.1f} "
-                      f"{result['peak_pss_mib']:>13.1f}", flush=True)
+                      f"{result['cpu_ms_per_sample']:>14.2f} {result['peak_pss_mib']:>13.1f}", flush=True)
             if "plain" in row:
                 for name in (n for n in row if n != "plain"):
                     ratio = row[name]["samples_per_s"] / row["plain"]["samples_per_s"]
+                    cpu = row["plain"]["cpu_ms_per_sample"] / row[name]["cpu_ms_per_sample"]
                     memory = row[name]["peak_pss_mib"] / row["plain"]["peak_pss_mib"]
                     report["ratios"].append({"size": size, "workers": workers, "pipeline": name,
-                                             "speed_vs_plain": round(ratio, 2), "memory_vs_plain": round(memory, 2)})
-                    print(f"{'':>5} {'':>7} {name + '/plain':>16} {ratio:>9.2f}x {memory:>12.2f}x", flush=True)
+                                             "speed_vs_plain": round(ratio, 2), "cpu_efficiency_vs_plain": round(cpu, 2),
+                                             "memory_vs_plain": round(memory, 2)})
+                    print(f"{'':>5} {'':>7} {name + ' vs plain':>16} {ratio:>9.2f}x {cpu:>13.2f}x {memory:>12.2f}x",
+                          flush=True)
     size = max(args.sizes)
     print(f"\nwhere the time goes at workers=0, {size} px (share of profiled time):")
     for name in pipelines:

@@ -189,9 +189,14 @@ class TrainLoader:
                               positions=[StreamPosition(*p) for p in self.positions])
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available())
-        for images, tokens, meta in loader:
-            self._consume(meta)
-            yield images, tokens
+        try:
+            for images, tokens, meta in loader:
+                self._consume(meta)
+                yield images, tokens
+        except ClipkitConfigError as err:
+            # A worker's error arrives wrapped in its traceback; keep the one-line message.
+            message = str(err).strip().splitlines()[-1]
+            raise ClipkitConfigError(message.split("ClipkitConfigError: ", 1)[-1]) from None
 
 
 def rank_state(resume: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:

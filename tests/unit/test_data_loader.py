@@ -142,3 +142,14 @@ def test_build_from_the_data_config_section(two_sources):
                          ({"mode": "shuffled"}, "data.mode must be one of epoch|resampled")]:
         with pytest.raises(ClipkitConfigError, match=message):
             build_sources(OmegaConf.merge(cfg, bad))
+
+
+def test_a_workers_config_error_arrives_as_one_line(tmp_path):
+    (tmp_path / "a.tar").write_bytes(b"not a tar" * 100)
+    (tmp_path / "b.tar").write_bytes(b"not a tar" * 100)
+    train = TrainLoader([Source("s", (str(tmp_path / "a.tar"), str(tmp_path / "b.tar")))],
+                        StreamSettings(batch_size=2, streams_per_rank=1), preprocess=preprocess, tokenize=tokenize,
+                        num_workers=1, rank=0, world_size=1, seed=0)
+    with pytest.raises(ClipkitConfigError) as caught:
+        next(iter(train))
+    assert str(caught.value).startswith("none of the 2 shards has a usable sample") and "\n" not in str(caught.value)
