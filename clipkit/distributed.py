@@ -70,6 +70,23 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`op` ("sum" | "min" | "max") of `value` over ranks, as a new tensor; no autograd."""
+    out = value.detach().clone()
+    if is_initialized():
+        dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return out
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank."""
     if not is_initialized():
@@ -79,15 +96,6 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_gather_objects(obj) -> list:
-    """Every rank's picklable `obj`, in rank order (`[obj]` on 1 process)."""
-    if not is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """[b, ...] per rank -> [W*b, ...] in rank order, no autograd. `x` itself on 1 process."""
     if not is_initialized() or dist.get_world_size() == 1:
@@ -95,13 +103,6 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((dist.get_world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(out, x.detach().contiguous())
     return out
-
-
-def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (`op` is "sum" or "max"); returns `x`. No-op on 1 process."""
-    if is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-    return x
 
 
 def reduce_scatter_rows(x: torch.Tensor) -> torch.Tensor:

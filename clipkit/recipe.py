@@ -8,6 +8,7 @@ process group, the model or any dataloader worker is created.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import socket
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipkit import distributed
 from clipkit.checkpoint import OPEN_CLIP_CONFIG, Checkpointer, atomic_write_text, export_open_clip
-from clipkit.data import build_train_loader, expand_urls
+from clipkit.data import build_sources, build_train_loader
 from clipkit.engine import build_optimizer, cosine_with_warmup, initialize_engine, render_deepspeed_config
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config
@@ -32,6 +33,8 @@ from clipkit.models import ModelBundle, build_model, build_teacher_model, lock_t
 from clipkit.objective import OUTPUTS, ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
 from clipkit.trainer import Trainer, TrainerSettings
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -151,7 +154,7 @@ def _write_run_files(run_dir: Path, cfg: DictConfig, bundle: ModelBundle) -> Non
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """The whole job: returns the final eval metrics (`{set/metric: value}`)."""
     # User input first: paths, batch split, resume target.
-    train_urls = expand_urls(cfg.data.train_urls)
+    sources = build_sources(cfg.data)
     eval_specs = build_eval_specs(cfg.eval.sets)
     eval_search = build_search_config(cfg.eval)
     if cfg.eval.get("cache_dir"):
@@ -174,16 +177,22 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     if info.is_main:
         _write_run_files(run_dir, cfg, bundle)
 
-    start_step = 0
+    start_step, data_seed, data_state = 0, cfg.seed, None
     if resume_tag is not None:
-        start_step = int(checkpointer.load(engine, resume_tag)["step"])
+        client_state = checkpointer.load(engine, resume_tag)
+        start_step, data_state = int(client_state["step"]), client_state.get("data")
+        if data_state is None:
+            # Checkpoints from before exact resume: reshuffle rather than replay step 0's data.
+            log.warning("checkpoint %s has no data position; the data stream restarts from a new seed", resume_tag)
+            data_seed = cfg.seed + 7919 * start_step
 
     loader = build_train_loader(
-        train_urls, preprocess=bundle.preprocess_train, tokenize=bundle.tokenizer,
-        batch_size=cfg.data.global_batch_size // world, num_workers=cfg.data.workers,
-        rank=info.rank, world_size=world,
-        # A resumed run reshuffles from a new seed rather than replaying step 0's data.
-        seed=cfg.seed + 7919 * start_step, shuffle_buffer=cfg.data.shuffle_buffer)
+        cfg.data, sources, preprocess=bundle.preprocess_train, tokenize=bundle.tokenizer,
+        rank=info.rank, world_size=world, seed=data_seed, resume=data_state,
+        keys_dir=run_dir / "data_keys" if cfg.data.get("record_keys") else None)
+    if data_state is not None and loader.batches != start_step:
+        # One batch per step per rank: anything else means the checkpoint is inconsistent.
+        raise ClipkitConfigError(f"checkpoint {resume_tag}: data position {loader.batches} batches, step {start_step}")
     loggers = build_loggers(OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.wandb else None,
                             run_dir=run_dir, run_name=cfg.run_name,
                             config=OmegaConf.to_container(cfg, resolve=True), is_main=info.is_main)
@@ -204,7 +213,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         eval_every_n_steps=cfg.eval.every_n_steps, progress_bar=cfg.trainer.progress_bar)
     trainer = Trainer(engine, loader, settings, checkpointer=checkpointer, loggers=loggers,
                       evaluate=evaluate if eval_specs else None,
-                      client_state=lambda step: {"step": step})
+                      client_state=lambda step: {"step": step, "data": loader.gather_state()},
+                      data_stats=loader.stats)
     trainer.fit(start_step)
     final = evaluate(settings.max_steps) if eval_specs else {}
     if final:

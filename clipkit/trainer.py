@@ -32,7 +32,10 @@ class Trainer:
 
     def __init__(self, engine, batches: Iterable, settings: TrainerSettings, *, checkpointer: Checkpointer,
                  loggers: MetricLoggers, evaluate: Callable[[int], dict[str, float]] | None,
-                 client_state: Callable[[int], dict[str, Any]]):
+                 client_state: Callable[[int], dict[str, Any]],
+                 data_stats: Callable[[], dict[str, float]] | None = None):
+        """`client_state(step)` and `data_stats()` are called on every rank at the same step
+        (both may be collectives): the first goes into each checkpoint, the second into each log record."""
         self.engine = engine
         self.batches = batches
         self.s = settings
@@ -40,6 +43,7 @@ class Trainer:
         self.loggers = loggers
         self.evaluate = evaluate
         self.client_state = client_state
+        self.data_stats = data_stats
 
     def _progress(self, start_step: int):
         if not (self.s.progress_bar and distributed.rank() == 0):
@@ -79,6 +83,8 @@ class Trainer:
                 record["train/samples_per_s"] = (step - step_last) * self.s.global_batch_size / (now - t_last)
                 record["train/lr"] = float(self.engine.get_lr()[0])
                 t_last, step_last = now, step
+                if self.data_stats is not None:
+                    record.update(self.data_stats())
                 self.loggers.log({"step": step, **record})
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['train/loss']:.4f}",

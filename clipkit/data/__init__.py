@@ -1,13 +1,17 @@
-"""Shard URLs, the training stream, eval-set reading, and shard writing."""
+"""Shard URLs, the training stream and loader, eval-set reading, and shard writing."""
 
+from clipkit.data.decode import ImageDecoder
 from clipkit.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, write_digits_shards
 from clipkit.data.eval_reader import EvalBatch, iter_eval_batches, read_set_metadata
-from clipkit.data.stream import ShardStream, build_train_loader
-from clipkit.data.urls import expand_urls
-from clipkit.data.writer import samples_from_csv, samples_from_folder, write_shards
+from clipkit.data.loader import TrainLoader, build_sources, build_train_loader
+from clipkit.data.stream import ShardStream, StreamPosition, StreamSettings
+from clipkit.data.tar_reader import SKIP_REASONS, ShardReader
+from clipkit.data.urls import Source, expand_sources, expand_urls
+from clipkit.data.writer import Row, rows_from_folder, rows_from_table, write_eval_metadata, write_rows, write_shards
 
 __all__ = [
-    "DIGIT_CLASSNAMES", "DIGIT_TEMPLATES", "EvalBatch", "ShardStream", "build_train_loader", "expand_urls",
-    "iter_eval_batches", "read_set_metadata", "samples_from_csv", "samples_from_folder", "write_digits_shards",
-    "write_shards",
+    "DIGIT_CLASSNAMES", "DIGIT_TEMPLATES", "EvalBatch", "ImageDecoder", "SKIP_REASONS", "ShardReader", "ShardStream",
+    "Source", "StreamPosition", "StreamSettings", "TrainLoader", "build_sources", "build_train_loader",
+    "expand_sources", "expand_urls", "iter_eval_batches", "read_set_metadata", "Row", "rows_from_folder",
+    "rows_from_table", "write_digits_shards", "write_eval_metadata", "write_rows", "write_shards",
 ]

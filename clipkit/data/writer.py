@@ -1,4 +1,19 @@
-"""Writing webdataset shards from image folders, CSV files, or any stream of sample dicts."""
+"""Writing webdataset shards: from image folders, CSV or Parquet tables (in parallel), or any sample stream.
+
+Layout, compatible with img2dataset's output and CLIP_benchmark's webdataset sets:
+
+    out/{split}/00000.tar ...   members <key>.jpg|png|webp, <key>.txt (caption), <key>.cls (label),
+                                <key>.json (source, sizes, extra columns); keys are 9-digit row numbers
+    out/{split}/nshards.txt     number of shards
+    out/{split}/stats.json      counts, failures by reason, per-shard sample counts
+    out/classnames.txt, out/zeroshot_classification_templates.txt   (eval sets, when given)
+
+Input rows are cut into shards of `shard_size` rows up front and each shard is one task
+for a process pool, so the output does not depend on the number of processes. Rows that
+fail (missing file, failed download, undecodable image, no caption) are counted per reason
+and left out; shards are numbered contiguously after the failures are known. Every tar is
+written under a hidden temporary name and renamed when complete.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +22,109 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import urllib.request
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 from webdataset import TarWriter
 
+from clipkit.data.eval_reader import CLASSNAMES_FILE, TEMPLATES_FILE
 from clipkit.errors import ClipkitConfigError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 ERROR_KEY = "__error__"
+IMAGE_COLUMNS = ("path", "url", "image", "filepath")
+USER_AGENT = "clipkit-shards/0.1"
 
+
+@dataclass(frozen=True)
+class Row:
+    """One input item. `image` is a local path, a `file://` URL or an http(s) URL."""
+
+    index: int
+    image: str
+    caption: str | None
+    label: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:09d}"
+
+
+class RowFailure(Exception):
+    """A row that cannot become a sample; `reason` is its failure category in stats.json."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+# -- one row -> one sample -------------------------------------------------------------------
+
+def _fetch(image: str, timeout: float) -> bytes:
+    if "://" not in image:
+        try:
+            return Path(image).read_bytes()
+        except OSError as exn:
+            raise RowFailure("image not found", f"{image}: {exn}") from None
+    if not image.startswith(("http://", "https://", "file://")):
+        raise RowFailure("unsupported url", image)
+    request = urllib.request.Request(image, headers={"User-Agent": USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except (OSError, ValueError) as exn:   # URLError, HTTPError, timeouts are OSErrors
+        raise RowFailure("download failed", f"{image}: {exn}") from None
+
+
+def _image_member(data: bytes, max_side: int | None) -> tuple[str, bytes, tuple[int, int], tuple[int, int]]:
+    """(extension, bytes, original size, stored size) of a fully decoded image; re-encoded only to shrink it."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            image.load()
+            fmt, original = image.format or "PNG", image.size
+            ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(fmt)
+            if ext is not None and (max_side is None or max(image.size) <= max_side):
+                return ext, data, original, original
+            scale = min(1.0, max_side / max(image.size)) if max_side else 1.0
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            resized = image.resize(size, PIL.Image.BICUBIC) if size != image.size else image.copy()
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exn:
+        raise RowFailure("undecodable image", str(exn)) from None
+    if ext is None:   # GIF, BMP, TIFF, ...: stored as PNG so every reader can decode it
+        fmt, ext = "PNG", "png"
+    if fmt == "JPEG" and resized.mode not in ("RGB", "L"):
+        resized = resized.convert("RGB")
+    buffer = io.BytesIO()
+    resized.save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return ext, buffer.getvalue(), original, resized.size
+
+
+def row_sample(row: Row, *, max_side: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """The sample dict for one row; raises RowFailure."""
+    if row.caption is None:
+        raise RowFailure("missing caption", row.image)
+    caption = row.caption.strip()
+    if not caption:
+        raise RowFailure("empty caption", row.image)
+    ext, data, original, stored = _image_member(_fetch(row.image, timeout), max_side)
+    meta = {"key": row.key, "url": row.image, "caption": caption, "width": stored[0], "height": stored[1],
+            "original_width": original[0], "original_height": original[1], **row.extra}
+    sample = {"__key__": row.key, ext: data, "txt": caption, "json": json.dumps(meta, default=str)}
+    if row.label is not None:
+        sample["cls"] = row.label
+    return sample
+
+
+# -- shards ----------------------------------------------------------------------------------
 
 def _encode(sample: dict[str, Any]) -> dict[str, Any]:
     """Values as tar member bytes: str as utf-8, int (e.g. `cls`) as its decimal text."""
@@ -34,52 +138,78 @@ def _encode(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_tar(samples: list[dict[str, Any]], path: Path) -> None:
-    """Writes one tar via a hidden temp name so no half-written tar ever has a final name."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _write_tar(samples: Iterable[dict[str, Any]], path: Path) -> int:
+    """Writes `path` via its hidden temp name, so no half-written tar ever has a final name. Returns the count."""
+    tmp, count = _tmp_name(path), 0
     try:
         with open(tmp, "wb") as stream:
             # Fixed mtime: the same samples give byte-identical shards.
             writer = TarWriter(stream, encoder=False, mtime=0.0)
             for sample in samples:
                 writer.write(_encode(sample))
+                count += 1
             writer.close()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return count
+
+
+def _prepare(out: Path, overwrite: bool) -> list[Path]:
+    """Creates `out`; returns the tars already there, refusing unless `overwrite`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):   # left by a writer that was killed
+        stale.unlink()
+    existing = sorted(out.glob("*.tar"))
+    if existing and not overwrite:
+        raise ClipkitConfigError(
+            f"{out} already holds {len(existing)} .tar shards; pass --overwrite (overwrite=True) to replace them")
+    return existing
+
+
+def _finish(out: Path, shards: list[dict[str, Any]], failures: Counter, rows: int | None) -> dict[str, Any]:
+    total = sum(shard["count"] for shard in shards)
+    if not total:
+        raise ClipkitConfigError(f"no samples to write to {out} ({sum(failures.values())} could not be read: "
+                                 f"{dict(failures)})")
+    stats = {"count": total, "failures": sum(failures.values()), "failures_by_reason": dict(sorted(failures.items())),
+             "shards": shards}
+    if rows is not None:
+        stats["rows"] = rows
+    (out / "nshards.txt").write_text(f"{len(shards)}\n")
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
 
 
 def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *, shard_size: int,
                  overwrite: bool = False) -> dict[str, Any]:
     """Writes `out_dir/00000.tar, 00001.tar, ...` of `shard_size` samples each, plus nshards.txt and stats.json.
 
-    Each sample holds `__key__` and member values (bytes, str, or int). A sample carrying
-    `__error__` (a source that could not read an item) is counted as a failure, not written.
-    Returns the stats: {"count": n, "shards": [{"name", "count"}], "failures": k}.
+    Serial; for ready-made sample dicts (`__key__` plus member values: bytes, str or int).
+    A sample carrying `__error__` (a source that could not read an item) is counted as a
+    failure, not written. Returns the stats (see the module docstring).
     """
     if shard_size < 1:
         raise ClipkitConfigError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(out.glob("*.tar"))
-    if existing and not overwrite:
-        raise ClipkitConfigError(
-            f"{out} already holds {len(existing)} .tar shards; pass --overwrite (overwrite=True) to replace them")
-    for old in existing:
+    for old in _prepare(out, overwrite):
         old.unlink()
     shards: list[dict[str, Any]] = []
-    failures = 0
+    failures: Counter[str] = Counter()
     pending: list[dict[str, Any]] = []
 
     def flush() -> None:
         name = f"{len(shards):05d}.tar"
-        _write_tar(pending, out / name)
-        shards.append({"name": name, "count": len(pending)})
+        shards.append({"name": name, "count": _write_tar(pending, out / name)})
         pending.clear()
 
     for sample in samples:
         if ERROR_KEY in sample:
-            failures += 1
+            failures[sample.get("__reason__", "unreadable")] += 1
             log.warning("skipping %s: %s", sample.get("__key__"), sample[ERROR_KEY])
             continue
         pending.append(sample)
@@ -87,93 +217,139 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *, shar
             flush()
     if pending:
         flush()
-    total = sum(shard["count"] for shard in shards)
-    if not total:
-        raise ClipkitConfigError(f"no samples to write to {out} ({failures} could not be read)")
-    stats = {"count": total, "shards": shards, "failures": failures}
-    (out / "nshards.txt").write_text(f"{len(shards)}\n")
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
+    return _finish(out, shards, failures, None)
 
 
-def _image_member(path: Path, max_side: int | None) -> tuple[str, bytes]:
-    """(extension, bytes) of a verified image; re-encoded only when `max_side` shrinks it."""
-    data = path.read_bytes()
-    with PIL.Image.open(io.BytesIO(data)) as image:
-        image.load()
-        if max_side is None or max(image.size) <= max_side:
-            return path.suffix.lower().lstrip("."), data
-        fmt = image.format or "PNG"
-        scale = max_side / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        resized = image.resize(size, PIL.Image.BICUBIC)
-    if fmt == "JPEG" and resized.mode not in ("RGB", "L"):
-        resized = resized.convert("RGB")
-    buffer = io.BytesIO()
-    resized.save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return {"JPEG": "jpg"}.get(fmt, fmt.lower()), buffer.getvalue()
+def _shard_task(rows: list[Row], tmp: str, max_side: int | None, timeout: float) -> tuple[int, dict[str, int]]:
+    """One process-pool task: rows -> one tar at `tmp`. Returns (samples written, failures by reason)."""
+    failures: Counter[str] = Counter()
+
+    def samples():
+        for row in rows:
+            try:
+                yield row_sample(row, max_side=max_side, timeout=timeout)
+            except RowFailure as failure:
+                failures[failure.reason] += 1
+                if failures[failure.reason] == 1:
+                    log.warning("skipping row %d: %s", row.index, failure)
+
+    count = _write_tar(samples(), Path(tmp))
+    return count, dict(failures)
 
 
-def _label(text: str | None, where: str) -> int | None:
-    if text is None or not text.strip():
+def write_rows(rows: Sequence[Row], out_dir: str | Path, *, shard_size: int = 1000, processes: int = 1,
+               max_side: int | None = None, timeout: float = 10.0, overwrite: bool = False) -> dict[str, Any]:
+    """Writes `rows` as shards in `out_dir` with `processes` worker processes; returns the stats."""
+    if shard_size < 1 or processes < 1:
+        raise ClipkitConfigError(f"shard_size and processes must be >= 1, got {shard_size} and {processes}")
+    if max_side is not None and max_side < 1:
+        raise ClipkitConfigError(f"max_side must be >= 1, got {max_side}")
+    out = Path(out_dir)
+    existing = _prepare(out, overwrite)
+    chunks = [list(rows[i:i + shard_size]) for i in range(0, len(rows), shard_size)]
+    parts = [out / f".part{i:05d}.tar.tmp" for i in range(len(chunks))]
+    args = [(chunk, str(part), max_side, timeout) for chunk, part in zip(chunks, parts)]
+    try:
+        if processes == 1:
+            results = [_shard_task(*a) for a in args]
+        else:
+            with ProcessPoolExecutor(max_workers=processes) as pool:
+                results = list(pool.map(_shard_task, *zip(*args))) if args else []
+        failures: Counter[str] = Counter()
+        for _, failed in results:
+            failures.update(failed)
+        for old in existing:
+            old.unlink()
+        shards = []
+        for part, (count, _) in zip(parts, results):
+            if count:   # an all-failed chunk leaves no gap in the numbering
+                name = f"{len(shards):05d}.tar"
+                os.replace(part, out / name)
+                shards.append({"name": name, "count": count})
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)
+    return _finish(out, shards, failures, len(rows))
+
+
+def write_eval_metadata(out_dir: str | Path, classnames: str | Path | None, templates: str | Path | None) -> None:
+    """Copies CLIP_benchmark's `classnames.txt` / `zeroshot_classification_templates.txt` beside the splits."""
+    out = Path(out_dir)
+    for given, name in ((classnames, CLASSNAMES_FILE), (templates, TEMPLATES_FILE)):
+        if given is None:
+            continue
+        if not Path(given).is_file():
+            raise ClipkitConfigError(f"file not found: {given}")
+        lines = [line.strip() for line in Path(given).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if name == TEMPLATES_FILE and not all("{c}" in line for line in lines):
+            raise ClipkitConfigError(f"every template in {given} needs a {{c}} placeholder for the class name")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{name}.tmp"
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, out / name)
+
+
+# -- row sources -----------------------------------------------------------------------------
+
+def _label(value: Any, where: str) -> int | None:
+    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
         return None
     try:
-        return int(text)
+        return int(str(value).strip())
     except ValueError:
-        raise ClipkitConfigError(f"label must be an integer, got {text.strip()!r} at {where}") from None
+        raise ClipkitConfigError(f"label must be an integer, got {str(value).strip()!r} at {where}") from None
 
 
-def _sample(key: str, image_path: Path, caption: str, label: int | None, max_side: int | None) -> dict[str, Any]:
-    if not caption:
-        return {"__key__": key, ERROR_KEY: f"empty caption for {image_path}"}
-    try:
-        ext, data = _image_member(image_path, max_side)
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as exn:
-        return {"__key__": key, ERROR_KEY: f"cannot read image {image_path}: {exn}"}
-    sample: dict[str, Any] = {"__key__": key, ext: data, "txt": caption}
-    if label is not None:
-        sample["cls"] = label
-    return sample
-
-
-def samples_from_folder(folder: str | Path, max_side: int | None = None) -> Iterator[dict[str, Any]]:
-    """Samples from `name.jpg|png|...` with caption `name.txt` and optional integer `name.cls`, sorted by path.
-
-    The folder is checked now, not on first iteration, so a wrong path fails before
-    `write_shards` touches the output directory.
-    """
+def rows_from_folder(folder: str | Path) -> list[Row]:
+    """Rows from `name.jpg|png|...` with caption `name.txt` and optional integer `name.cls`, sorted by path."""
     root = Path(folder)
     if not root.is_dir():
         raise ClipkitConfigError(f"image folder not found: {root}")
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-    def generate() -> Iterator[dict[str, Any]]:
-        for index, image_path in enumerate(images):
-            key = f"{index:08d}"
-            caption_path, label_path = image_path.with_suffix(".txt"), image_path.with_suffix(".cls")
-            if not caption_path.is_file():
-                yield {"__key__": key, ERROR_KEY: f"no caption file {caption_path}"}
-                continue
-            label = _label(label_path.read_text(), str(label_path)) if label_path.is_file() else None
-            yield _sample(key, image_path, caption_path.read_text(encoding="utf-8").strip(), label, max_side)
-
-    return generate()
+    rows = []
+    for index, image in enumerate(images):
+        caption_path, label_path = image.with_suffix(".txt"), image.with_suffix(".cls")
+        caption = caption_path.read_text(encoding="utf-8") if caption_path.is_file() else None
+        label = _label(label_path.read_text(), str(label_path)) if label_path.is_file() else None
+        rows.append(Row(index, str(image), caption, label, {"path": str(image.relative_to(root))}))
+    return rows
 
 
-def samples_from_csv(csv_path: str | Path, max_side: int | None = None) -> Iterator[dict[str, Any]]:
-    """Samples from CSV rows `path,caption[,label]`; relative paths are resolved against the CSV's directory.
+def _read_table(path: Path) -> list[dict[str, Any]]:
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
 
-    The CSV is read and its columns checked now, before `write_shards` touches the output.
+        return pq.read_table(path).to_pylist()
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def rows_from_table(table: str | Path, *, image_column: str | None = None, caption_column: str = "caption",
+                    label_column: str | None = "label", extra_columns: Sequence[str] = ()) -> list[Row]:
+    """Rows from a CSV or Parquet file (by suffix). Relative image paths resolve against the table's folder.
+
+    `image_column` defaults to the first of path, url, image, filepath that exists; the label
+    column is optional (used when present); `extra_columns` go into each sample's `.json`.
     """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise ClipkitConfigError(f"CSV file not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "caption"} - set(reader.fieldnames or ())
-        if missing:
-            raise ClipkitConfigError(f"{csv_path} lacks column(s) {sorted(missing)}; need path,caption[,label]")
-        rows = list(reader)
-    labels = [_label(row.get("label"), f"{csv_path} row {i + 2}") for i, row in enumerate(rows)]
-    return (_sample(f"{i:08d}", csv_path.parent / row["path"], (row["caption"] or "").strip(), label, max_side)
-            for i, (row, label) in enumerate(zip(rows, labels)))
+    path = Path(table)
+    if not path.is_file():
+        raise ClipkitConfigError(f"table not found: {path}")
+    records = _read_table(path)
+    columns = list(records[0]) if records else []
+    image_column = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
+    wanted = [c for c in (image_column, caption_column, *extra_columns) if c is not None]
+    missing = [c for c in wanted if c not in columns] if records else []
+    if image_column is None or missing:
+        raise ClipkitConfigError(f"{path} lacks column(s) {missing or list(IMAGE_COLUMNS)}; it has {columns}")
+    use_label = label_column is not None and label_column in columns
+    rows = []
+    for index, record in enumerate(records):
+        image = str(record[image_column] or "")
+        if image and "://" not in image and not os.path.isabs(image):
+            image = str(path.parent / image)
+        caption = record[caption_column]
+        label = _label(record[label_column], f"{path} row {index + 1}") if use_label else None
+        rows.append(Row(index, image, None if caption is None else str(caption), label,
+                        {c: record[c] for c in extra_columns}))
+    return rows
+

@@ -68,7 +68,7 @@ def evaluate_captioning(model: nn.Module, batches: Iterable[EvalBatch], tokenize
                                 max_len=text.shape[1], beams=beams)
         generated += [tokenizer.decode(seq).strip() for seq in ids]
         references += [list(caps) for caps in batch.captions]
-    shares = distributed.all_gather_objects((ce_sum, tokens_seen, generated, references))
+    shares = distributed.all_gather_object((ce_sum, tokens_seen, generated, references))
     ce_sum, tokens_seen = sum(s[0] for s in shares), sum(s[1] for s in shares)
     generated = [g for s in shares for g in s[2]]
     references = [r for s in shares for r in s[3]]

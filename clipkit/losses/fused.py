@@ -79,8 +79,8 @@ class _FusedInfoNCE(torch.autograd.Function):
             row_lse, col_max, col_sum, positives = kernels.infonce_block_stats(
                 image.detach(), text_all, scale.detach(), offset, chunk)
             # Merge the per-rank column statistics: global max first, then rescaled sums.
-            global_max = distributed.all_reduce_(col_max.clone(), "max")
-            col_sum = distributed.all_reduce_(col_sum * torch.exp(col_max - global_max), "sum")
+            global_max = distributed.all_reduce(col_max, "max")
+            col_sum = distributed.all_reduce(col_sum * torch.exp(col_max - global_max), "sum")
             col_lse = global_max + torch.log(col_sum)
         # This rank owns its rows' image→text terms and its own columns' text→image terms.
         share = (row_lse.sum() + col_lse[offset:offset + b].sum() - 2 * positives) / (2 * big_b)

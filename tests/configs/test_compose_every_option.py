@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from clipkit.config import CONF_DIR
-from clipkit.data import expand_urls
+from clipkit.data import build_sources
 from clipkit.engine import build_optimizer, cosine_with_warmup, render_deepspeed_config
 from clipkit.eval.suite import build_eval_specs, build_search_config
 from clipkit.loggers import build_loggers
@@ -57,7 +57,8 @@ def test_option_composes_and_builds(group, option, digits_root, demo_export, tmp
         cosine_with_warmup(opt, warmup_steps=cfg.sched.warmup_steps, total_steps=cfg.trainer.max_steps,
                            min_lr_ratio=cfg.sched.min_lr_ratio)
     if group in ("data", "experiment", "debug"):
-        assert expand_urls(cfg.data.train_urls)
+        sources = build_sources(cfg.data)
+        assert sources and all(source.urls for source in sources)
     if group in ("eval", "experiment"):
         build_eval_specs(cfg.eval.sets)
         assert build_search_config(cfg.eval).index == "flat"  # exact unless asked otherwise

@@ -1,6 +1,6 @@
 import io
 import itertools
-import logging
+from collections import Counter
 
 import numpy as np
 import PIL.Image
@@ -8,7 +8,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from clipkit.data.stream import ShardStream, build_train_loader
+from clipkit.data import tar_reader
+from clipkit.data.stream import ShardStream, StreamPosition, StreamSettings
+from clipkit.data.urls import Source
 from clipkit.errors import ClipkitConfigError
 
 SAMPLES_PER_SHARD = 3
@@ -26,13 +28,13 @@ def _write_tar(path, samples):
             writer.write(sample)
 
 
-def _shards(tmp_path, n=8):
+def make_shards(tmp_path, n=8, per_shard=SAMPLES_PER_SHARD, first=0):
     """n tars whose captions "s<shard> i<sample>" identify where each sample came from."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     urls = []
-    for s in range(n):
+    for s in range(first, first + n):
         path = tmp_path / f"{s:05d}.tar"
-        _write_tar(path, [{"__key__": f"{s}_{i}", "png": _png(s), "txt": f"s{s} i{i}"}
-                          for i in range(SAMPLES_PER_SHARD)])
+        _write_tar(path, [{"__key__": f"{s}_{i}", "png": _png(s), "txt": f"s{s} i{i}"} for i in range(per_shard)])
         urls.append(str(path))
     return urls
 
@@ -47,99 +49,133 @@ def tokenize(captions: list[str]) -> torch.Tensor:
     return torch.tensor([[int(word[1:]) for word in caption.split()] for caption in captions])
 
 
-def _stream(urls, **kw):
-    kw = {"rank": 0, "world_size": 1, "seed": 0, "shuffle_buffer": 4} | kw
-    return ShardStream(urls, preprocess=preprocess, tokenize=tokenize, **kw)
+def make_stream(sources, *, batch_size=1, rank=0, world_size=1, seed=0, start_batch=0, positions=None, **settings):
+    if isinstance(sources[0], str):
+        sources = [Source("s", tuple(sources))]
+    settings = {"shuffle_buffer": 4, "retry_delay_s": 0.0} | settings
+    return ShardStream(sources, StreamSettings(batch_size=batch_size, **settings), preprocess=preprocess,
+                       tokenize=tokenize, rank=rank, world_size=world_size, seed=seed, start_batch=start_batch,
+                       positions=positions)
 
 
-def test_ranks_and_workers_partition_every_epoch(tmp_path):
-    urls = _shards(tmp_path)
-    world, workers = 2, 2
+def pairs(batches):
+    return [tuple(row) for _, tokens, _ in batches for row in tokens.tolist()]
+
+
+def test_ranks_and_streams_partition_every_epoch(tmp_path):
+    urls = make_shards(tmp_path)
     for epoch in range(3):
-        parts = [_stream(urls, rank=r, world_size=world).shards_for(epoch, w, workers)
-                 for r in range(world) for w in range(workers)]
-        flat = [url for part in parts for url in part]
-        assert sorted(flat) == sorted(urls)
+        parts = [[url for url, _ in make_stream(urls, rank=r, world_size=2, streams_per_rank=2).shards_for(epoch, k)]
+                 for r in range(2) for k in range(2)]
+        assert sorted(url for part in parts for url in part) == sorted(urls)
         assert all(len(part) == 2 for part in parts)
-    orders = [_stream(urls).shards_for(epoch, 0, 1) for epoch in range(3)]
+    orders = [make_stream(urls).shards_for(epoch, 0) for epoch in range(3)]
     assert len({tuple(order) for order in orders}) == 3
-    assert _stream(urls, seed=5).shards_for(1, 0, 1) == _stream(urls, seed=5).shards_for(1, 0, 1)
-    assert _stream(urls, seed=5).shards_for(1, 0, 1) != _stream(urls, seed=6).shards_for(1, 0, 1)
+    assert make_stream(urls, seed=5).shards_for(1, 0) == make_stream(urls, seed=5).shards_for(1, 0)
+    assert make_stream(urls, seed=5).shards_for(1, 0) != make_stream(urls, seed=6).shards_for(1, 0)
 
 
 def test_every_sample_once_per_epoch_and_epochs_differ(tmp_path):
-    urls = _shards(tmp_path)
+    urls = make_shards(tmp_path)
     per_epoch = len(urls) * SAMPLES_PER_SHARD
-    items = list(itertools.islice(_stream(urls), 3 * per_epoch))
-    epochs = [[tuple(tokens.tolist()) for _, tokens in items[e * per_epoch:(e + 1) * per_epoch]] for e in range(3)]
+    batches = list(itertools.islice(make_stream(urls), 3 * per_epoch))
+    epochs = [pairs(batches[e * per_epoch:(e + 1) * per_epoch]) for e in range(3)]
     everything = sorted((s, i) for s in range(len(urls)) for i in range(SAMPLES_PER_SHARD))
     assert all(sorted(epoch) == everything for epoch in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
-    image, tokens = items[0]
-    assert image.shape == (3, 6, 6) and image.dtype == torch.float32 and tokens.dtype == torch.int64
+    assert [(m["epoch"], m["offset"]) for _, _, m in batches[per_epoch - 1:per_epoch + 1]] == [(0, per_epoch), (1, 1)]
+    images, tokens, meta = batches[0]
+    assert images.shape == (1, 3, 6, 6) and images.dtype == torch.float32 and tokens.dtype == torch.int64
+    assert meta["index"] == 0 and meta["keys"][0].endswith(".tar#%d_%d" % tuple(tokens[0].tolist()))
 
 
 def test_same_seed_same_stream(tmp_path):
-    urls = _shards(tmp_path)
-    first = [t.tolist() for _, t in itertools.islice(_stream(urls, seed=3), 30)]
-    again = [t.tolist() for _, t in itertools.islice(_stream(urls, seed=3), 30)]
-    assert first == again
+    urls = make_shards(tmp_path)
+    first = pairs(itertools.islice(make_stream(urls, seed=3, batch_size=5), 6))
+    assert first == pairs(itertools.islice(make_stream(urls, seed=3, batch_size=5), 6))
+    assert first != pairs(itertools.islice(make_stream(urls, seed=4, batch_size=5), 6))
 
 
 def test_reads_through_pipe(tmp_path):
-    urls = _shards(tmp_path, n=2)
-    items = list(itertools.islice(_stream([f"pipe:cat {url}" for url in urls]), 2 * SAMPLES_PER_SHARD))
-    assert sorted(tuple(t.tolist()) for _, t in items) == [(s, i) for s in range(2) for i in range(3)]
+    urls = make_shards(tmp_path, n=2)
+    batches = itertools.islice(make_stream([f"pipe:cat {url}" for url in urls]), 2 * SAMPLES_PER_SHARD)
+    assert sorted(pairs(batches)) == [(s, i) for s in range(2) for i in range(3)]
 
 
-def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
-    path = tmp_path / "mixed.tar"
-    _write_tar(path, [
-        {"__key__": "good", "png": _png(), "txt": "s0 i0"},
-        {"__key__": "nocaption", "png": _png()},
-        {"__key__": "noimage", "txt": "s0 i1"},
-        {"__key__": "garbage", "png": b"not an image", "txt": "s0 i2"},
-        {"__key__": "blank", "png": _png(), "txt": "  \n"},
-        {"__key__": "blank2", "png": _png(), "txt": ""},
-    ])
-    corrupt = tmp_path / "corrupt.tar"
-    corrupt.write_bytes(b"this is not a tar archive" * 50)
-    stream = _stream([str(path), str(corrupt)], shuffle_buffer=1)
-    with caplog.at_level(logging.WARNING, logger="clipkit.data.stream"):
-        # The third item comes from epoch 2, so epochs 0 and 1 have been read in full.
-        items = list(itertools.islice(stream, 3))
-    assert [t.tolist() for _, t in items] == [[0, 0]] * 3
-    # Epoch 2 may have opened the corrupt shard before its first good sample.
-    assert stream.skipped.pop("unreadable shard (ReadError)") >= 2
-    assert stream.skipped == {"missing caption": 2, "missing image": 2, "undecodable image": 2, "empty caption": 4}
-    assert len([r for r in caplog.records if "empty caption" in r.getMessage()]) == 1
+def test_resampled_mixes_sources_by_weight_in_virtual_epochs(tmp_path):
+    a, b = make_shards(tmp_path / "a", n=4), make_shards(tmp_path / "b", n=4, first=4)
+    sources = [Source("a", tuple(a), 3.0), Source("b", tuple(b), 1.0)]
+    stream = make_stream(sources, mode="resampled", epoch_samples=40, world_size=2, streams_per_rank=2, batch_size=4)
+    draws = [source for _, source in itertools.islice(stream.draws(0, 0), 4000)]
+    assert draws.count(0) / len(draws) == pytest.approx(0.75, abs=0.03)
+    assert list(itertools.islice(stream.draws(0, 0), 20)) != list(itertools.islice(stream.draws(1, 0), 20))
+    assert stream.epoch_length() == 10   # 40 samples over 2 ranks x 2 streams
+    metas = [m for _, _, m in itertools.islice(stream, 10)]   # batches 0, 2, 4, ... are stream 0's
+    assert [(m["stream"], m["epoch"], m["offset"]) for m in metas[:6]] == [
+        (0, 0, 4), (1, 0, 4), (0, 0, 8), (1, 0, 8), (0, 1, 2), (1, 1, 2)]
+    assert all(sum(m["sources"]) == 4 for m in metas)
+    # Fewer shards than ranks x streams is fine here: streams draw with replacement.
+    single = make_stream([Source("a", (a[0],))], mode="resampled", epoch_samples=8, world_size=2, streams_per_rank=2)
+    assert len(list(itertools.islice(single, 4))) == 4
 
 
-def test_loader_with_workers_yields_batches(tmp_path):
-    urls = _shards(tmp_path)
-    loader = build_train_loader(urls, preprocess=preprocess, tokenize=tokenize, batch_size=5, num_workers=2,
-                                rank=1, world_size=2, seed=0, shuffle_buffer=4)
-    batches = list(itertools.islice(loader, 4))
-    for images, tokens in batches:
-        assert images.shape == (5, 3, 6, 6) and images.dtype == torch.float32
-        assert tokens.shape == (5, 2) and tokens.dtype == torch.int64
-    rank1_shards = {s for w in range(2) for s in _stream(urls, rank=1, world_size=2).shards_for(0, w, 2)}
-    seen_first = {urls[s] for s in batches[0][1][:, 0].tolist()}
-    assert seen_first <= rank1_shards
+@pytest.mark.parametrize("piped", [False, True], ids=["local", "pipe"])
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_resuming_at_a_position_continues_exactly_without_decoding_the_skipped_part(tmp_path, monkeypatch,
+                                                                                     mode, piped):
+    urls = make_shards(tmp_path, n=4, per_shard=5)
+    urls = [f"pipe:cat {url}" for url in urls] if piped else urls
+    kw = {"batch_size": 3, "mode": mode, "streams_per_rank": 2, "shuffle_buffer": 6,
+          "epoch_samples": 16 if mode == "resampled" else None}
+    straight = list(itertools.islice(make_stream(urls, **kw), 14))
+    at = 9   # resume after batch 9: stream 0 made batches 0,2,..,8; stream 1 made 1,3,..,9
+    positions = [StreamPosition(straight[i][2]["epoch"], straight[i][2]["offset"]) for i in (8, 9)]
+    decoded, image_reads = Counter(), Counter()
+    resumed_stream = make_stream(urls, start_batch=at + 1, positions=positions, **kw)
+    real_decoder = resumed_stream.decoder
+    resumed_stream.decoder = lambda data: (decoded.update(["image"]), real_decoder(data))[1]
+    real_read = tar_reader.ImageRef.read
+    monkeypatch.setattr(tar_reader.ImageRef, "read", lambda self: (image_reads.update(["read"]), real_read(self))[1])
+    resumed = list(itertools.islice(resumed_stream, 4))
+    assert pairs(resumed) == pairs(straight[at + 1:])
+    assert [m["index"] for _, _, m in resumed] == [10, 11, 12, 13]
+    assert decoded["image"] == 4 * 3                         # only the samples handed out
+    assert image_reads["read"] == (0 if piped else 4 * 3)    # the skipped images were never read
+
+
+def test_too_few_shards_for_epoch_mode(tmp_path):
+    urls = make_shards(tmp_path, n=3)
+    with pytest.raises(ClipkitConfigError, match="3 shards .* 2 ranks x 2 data streams .* data.mode=resampled"):
+        make_stream(urls, world_size=2, streams_per_rank=2)
+    with pytest.raises(ClipkitConfigError, match="needs data.epoch_samples"):
+        make_stream(urls, mode="resampled")
+
+
+def test_all_unusable_shards_fail_instead_of_spinning(tmp_path):
+    for name in ("a.tar", "b.tar"):
+        (tmp_path / name).write_bytes(b"not a tar" * 100)
+    stream = make_stream([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")])
+    with pytest.raises(ClipkitConfigError, match="none of the 2 shards has a usable sample.*unopenable shard"):
+        next(iter(stream))
+
+
+def test_undecodable_images_are_counted_and_a_long_run_of_them_fails(tmp_path, monkeypatch):
+    path = tmp_path / "x.tar"
+    _write_tar(path, [{"__key__": f"bad{i}", "png": b"garbage", "txt": "s0 i0"} for i in range(4)]
+               + [{"__key__": "good", "png": _png(), "txt": "s0 i1"}])
+    _, tokens, meta = next(iter(make_stream([str(path)], shuffle_buffer=1)))
+    assert tokens.tolist() == [[0, 1]] and meta["skipped"] == {"undecodable image": 4}
+    monkeypatch.setattr("clipkit.data.stream.MAX_UNDECODABLE_IN_A_ROW", 3)
+    with pytest.raises(ClipkitConfigError, match="3 images in a row could not be decoded"):
+        next(iter(make_stream([str(path)], shuffle_buffer=1)))
 
 
 def test_open_clip_transforms_on_grayscale_png(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     open_clip = pytest.importorskip("open_clip")
-    urls = _shards(tmp_path, n=1)
-    stream = ShardStream(urls, preprocess=open_clip.image_transform(32, is_train=False),
+    urls = make_shards(tmp_path, n=1)
+    stream = ShardStream([Source("s", tuple(urls))], StreamSettings(batch_size=2),
+                         preprocess=open_clip.image_transform(32, is_train=True),
                          tokenize=open_clip.get_tokenizer("ViT-B-32", context_length=16), rank=0, world_size=1, seed=0)
-    image, tokens = next(iter(stream))
-    assert image.shape == (3, 32, 32) and tokens.shape == (16,) and tokens.dtype == torch.int64
-
-
-def test_too_few_shards_fails_before_workers_start(tmp_path):
-    urls = _shards(tmp_path, n=3)
-    with pytest.raises(ClipkitConfigError, match="3 shards .* 2 ranks x 2 data workers"):
-        build_train_loader(urls, preprocess=preprocess, tokenize=tokenize, batch_size=2, num_workers=2,
-                           rank=0, world_size=2, seed=0)
+    images, tokens, _ = next(iter(stream))
+    assert images.shape == (2, 3, 32, 32) and tokens.shape == (2, 16) and tokens.dtype == torch.int64

@@ -1,15 +1,21 @@
+import functools
 import hashlib
+import http.server
 import io
 import json
 import subprocess
 import sys
 import tarfile
+import threading
 
 import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 from clipkit.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, write_digits_shards
-from clipkit.data.writer import samples_from_csv, samples_from_folder, write_shards
+from clipkit.data.writer import Row, rows_from_folder, rows_from_table, write_rows, write_shards
 from clipkit.errors import ClipkitConfigError
 
 
@@ -73,14 +79,18 @@ def test_folder_source_with_labels_resize_and_failures(tmp_path):
     (src / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     (src / "broken.txt").write_text("never written")
     _image(src / "nocaption.png")
-    stats = write_shards(samples_from_folder(src, max_side=10), tmp_path / "out", shard_size=1)
-    assert stats["count"] == 2 and stats["failures"] == 2
-    assert [s["name"] for s in stats["shards"]] == ["00000.tar", "00001.tar"]
+    stats = write_rows(rows_from_folder(src), tmp_path / "out", shard_size=1, max_side=10)
+    assert stats["count"] == 2 and stats["rows"] == 4 and stats["failures"] == 2
+    assert stats["failures_by_reason"] == {"missing caption": 1, "undecodable image": 1}
+    # Rows 1 and 2 failed; the shards are numbered without gaps.
+    assert stats["shards"] == [{"name": "00000.tar", "count": 1}, {"name": "00001.tar", "count": 1}]
     first, second = (_members(tmp_path / "out" / name) for name in ("00000.tar", "00001.tar"))
-    assert first["00000000.cls"] == b"3" and first["00000000.txt"] == b"a red box"
-    assert PIL.Image.open(io.BytesIO(first["00000000.png"])).size == (10, 5)
-    assert set(second) == {"00000003.jpg", "00000003.txt"}
-    assert PIL.Image.open(io.BytesIO(second["00000003.jpg"])).size == (10, 5)
+    assert first["000000000.cls"] == b"3" and first["000000000.txt"] == b"a red box"
+    assert PIL.Image.open(io.BytesIO(first["000000000.png"])).size == (10, 5)
+    assert set(second) == {"000000003.jpg", "000000003.txt", "000000003.json"}
+    assert PIL.Image.open(io.BytesIO(second["000000003.jpg"])).size == (10, 5)
+    meta = json.loads(second["000000003.json"])
+    assert meta["path"] == "sub/b.jpg" and (meta["original_width"], meta["width"]) == (40, 10)
 
 
 def test_csv_source_resolves_relative_paths(tmp_path):
@@ -89,13 +99,13 @@ def test_csv_source_resolves_relative_paths(tmp_path):
     (tmp_path / "img" / "bad.png").write_bytes(b"nope")
     csv_path = tmp_path / "list.csv"
     csv_path.write_text('path,caption,label\nimg/x.png,"a box, red",1\nimg/bad.png,broken,2\nimg/gone.png,missing,\n')
-    stats = write_shards(samples_from_csv(csv_path), tmp_path / "out", shard_size=10)
-    assert stats["count"] == 1 and stats["failures"] == 2
+    stats = write_rows(rows_from_table(csv_path), tmp_path / "out", shard_size=10)
+    assert stats["count"] == 1 and stats["failures_by_reason"] == {"image not found": 1, "undecodable image": 1}
     members = _members(tmp_path / "out" / "00000.tar")
-    assert members["00000000.txt"] == b"a box, red" and members["00000000.cls"] == b"1"
-    (tmp_path / "nocol.csv").write_text("file,text\n")
-    with pytest.raises(ClipkitConfigError, match="caption"):
-        samples_from_csv(tmp_path / "nocol.csv")
+    assert members["000000000.txt"] == b"a box, red" and members["000000000.cls"] == b"1"
+    (tmp_path / "nocol.csv").write_text("file,text\nx.png,hello\n")
+    with pytest.raises(ClipkitConfigError, match="lacks column"):
+        rows_from_table(tmp_path / "nocol.csv")
 
 
 def test_write_shards_refuses_existing_tars(tmp_path):
@@ -116,3 +126,92 @@ def test_cli_digits_and_error_exit(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 1
     assert again.stderr.strip().startswith("clipkit-shards: error:") and "overwrite" in again.stderr
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www (no network leaves the machine)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _parquet_rows(tmp_path, http_root):
+    www, base = http_root
+    (tmp_path / "img").mkdir()
+    _image(tmp_path / "img" / "local.png", size=(64, 48))
+    _image(tmp_path / "img" / "file.jpg", size=(30, 30), fmt="JPEG")
+    _image(www / "served.png", size=(20, 10))
+    table = pa.table({
+        "url": ["img/local.png", f"file://{tmp_path / 'img' / 'file.jpg'}", f"{base}/served.png",
+                f"{base}/missing.png", "img/local.png", "img/local.png"],
+        "caption": ["a local box", "a file url box", "a served box", "404", "   ", "again"],
+        "label": [0, 1, 2, 3, 4, None],
+        "license": ["cc-by", "cc0", "cc-by", "cc0", "cc0", "cc-by"],
+        "score": [0.5, 0.25, 1.0, 0.0, 0.0, 0.75],
+    })
+    pq.write_table(table, tmp_path / "pairs.parquet")
+    return tmp_path / "pairs.parquet"
+
+
+def test_parquet_urls_labels_and_extra_columns_in_parallel(tmp_path, http_root):
+    table = _parquet_rows(tmp_path, http_root)
+    rows = rows_from_table(table, extra_columns=["license", "score"])
+    stats = write_rows(rows, tmp_path / "par", shard_size=2, processes=2, max_side=32)
+    assert stats["rows"] == 6 and stats["count"] == 4
+    assert stats["failures_by_reason"] == {"download failed": 1, "empty caption": 1}
+    assert stats["shards"] == [{"name": "00000.tar", "count": 2}, {"name": "00001.tar", "count": 1},
+                               {"name": "00002.tar", "count": 1}]
+    assert json.loads((tmp_path / "par" / "stats.json").read_text()) == stats
+    assert (tmp_path / "par" / "nshards.txt").read_text() == "3\n"
+    members = _members(tmp_path / "par" / "00001.tar")
+    meta = json.loads(members["000000002.json"])
+    assert members["000000002.txt"] == b"a served box" and members["000000002.cls"] == b"2"
+    assert meta["license"] == "cc-by" and meta["score"] == 1.0 and meta["url"].startswith("http://127.0.0.1")
+    last = _members(tmp_path / "par" / "00002.tar")
+    assert "000000005.cls" not in last   # a null label is no label
+    assert PIL.Image.open(io.BytesIO(last["000000005.png"])).size == (32, 24)
+    # The output does not depend on the number of processes.
+    write_rows(rows, tmp_path / "serial", shard_size=2, processes=1, max_side=32)
+    assert _digests(tmp_path / "serial") == _digests(tmp_path / "par")
+
+
+def test_refuses_existing_shards_and_cleans_a_killed_writers_temp_files(tmp_path):
+    _image(tmp_path / "x.png")
+    rows = [Row(0, str(tmp_path / "x.png"), "a box")]
+    out = tmp_path / "out"
+    write_rows(rows, out)
+    (out / ".part00007.tar.tmp").write_bytes(b"half a tar")   # as a killed run leaves it
+    with pytest.raises(ClipkitConfigError, match="already holds 1 .tar shards; pass --overwrite"):
+        write_rows(rows, out)
+    write_rows(rows * 3, out, shard_size=1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "00002.tar", "nshards.txt", "stats.json"]
+
+
+def test_cli_writes_an_eval_set_in_clip_benchmark_layout(tmp_path, http_root, capsys):
+    from clipkit.data.eval_reader import iter_eval_batches, read_set_metadata
+    from clipkit.shards import main
+
+    table = _parquet_rows(tmp_path, http_root)
+    (tmp_path / "names.txt").write_text("\n".join(f"class{i}" for i in range(5)) + "\n")
+    (tmp_path / "templates.txt").write_text("a photo of a {c}.\nit is a {c}.\n")
+    out = tmp_path / "evalset"
+    argv = ["parquet", str(table), str(out), "--split", "test", "--shard-size", "2", "--processes", "2",
+            "--classnames", str(tmp_path / "names.txt"), "--templates", str(tmp_path / "templates.txt"),
+            "--extra-cols", "license"]
+    main(argv)
+    assert capsys.readouterr().out.strip() == (f"wrote 4 of 6 rows in 3 shards to {out}/test (2 failed: 1 download failed, "
+                                   f"1 empty caption; see {out}/test/stats.json)")
+    classnames, templates = read_set_metadata(str(out / "test"))
+    assert classnames == [f"class{i}" for i in range(5)] and templates == ["a photo of a {c}.", "it is a {c}."]
+    urls = [str(out / "test" / f"{i:05d}.tar") for i in range(3)]
+    batches = list(iter_eval_batches(urls, preprocess=lambda im: torch.zeros(3, 4, 4), batch_size=8))
+    assert batches[0].labels.tolist() == [0, 1, 2, -1] and batches[0].captions[0] == ["a local box"]
+    with pytest.raises(SystemExit, match="^clipkit-shards: error: .*pass --overwrite"):
+        main(argv)
