@@ -118,6 +118,16 @@ def reduce_scatter_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def ring_pass(send: torch.Tensor, recv: torch.Tensor) -> list:
+    """Starts sending `send` to rank r+1 and receiving rank r−1's tensor into `recv`; returns the
+    handles to `wait()` on. Both ends post their sends and receives in the same order, so two
+    rings on the same links (SigLIP's text blocks and their gradients) match message for message.
+    """
+    world, here = dist.get_world_size(), dist.get_rank()
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend, send.contiguous(), (here + 1) % world),
+                                   dist.P2POp(dist.irecv, recv, (here - 1) % world)])
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenates equal-shape [b, ...] tensors from every rank into [W*b, ...].
 

@@ -121,14 +121,16 @@ def infonce_block_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, r
 
 
 @torch.no_grad()
-def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, row_offset: int,
-                  chunk: int = 4096, *, need_grads: bool = True):
+def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                  row_offset: int | None, chunk: int = 4096, *, need_grads: bool = True):
     """The pairwise sigmoid loss of this block and its unscaled gradients, in one pass.
 
     l = s·q·kᵀ + β; y_ij = +1 at j = i + row_offset, −1 elsewhere.
 
     Args:
         q [b, D], k [B, D], scale, row_offset, chunk: as in `infonce_block_stats`; bias: β.
+            row_offset None: no positives in this block (y = −1 everywhere; SigLIP's ring
+            scoring another rank's texts).
     Returns:
         loss_sum 0-dim (Σ_ij softplus(−y_ij·l_ij)); with need_grads also dq = G·k [b, D],
         dk = Gᵀ·q [B, D] and grad_sum = Σ_ij G_ij (the bias gradient), where
@@ -146,12 +148,15 @@ def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: t
         logits = torch.addmm(beta, qc * s, kc.T)  # bias added in the GEMM's output pass
         # Negatives cost softplus(l), positives softplus(−l): swap the diagonal's term
         # rather than computing softplus(l) − l, which cancels catastrophically.
-        pos = _positive_columns(logits, lo + row_offset)
-        total += F.softplus(logits).sum() - F.softplus(pos).sum() + F.softplus(-pos).sum()
+        total += F.softplus(logits).sum()
+        if row_offset is not None:
+            pos = _positive_columns(logits, lo + row_offset)
+            total += F.softplus(-pos).sum() - F.softplus(pos).sum()
         if not need_grads:
             continue
         grad = logits.sigmoid_()
-        _positive_columns(grad, lo + row_offset).sub_(1.0)
+        if row_offset is not None:
+            _positive_columns(grad, lo + row_offset).sub_(1.0)
         grad_sum += grad.sum()
         torch.mm(grad, kc, out=dq[lo:hi])
         dk.addmm_(grad.T, qc)

@@ -373,19 +373,22 @@ def infonce_block_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, r
 
 
 @_plain
-def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, row_offset: int,
-                  chunk: int, need_grads: bool, *, tiles: TileConfig | None = None
+def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                  row_offset: int | None, chunk: int, need_grads: bool, *, tiles: TileConfig | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """SigLIP's pairwise loss on a row block, and its gradients in the same pass.
 
     Args: q [b, D], k [B, D]; scale, bias 0-dim or [1] (s already exponentiated, β);
-        row_offset: y_ij = +1 at j = i + row_offset, −1 elsewhere; chunk: columns per
+        row_offset: y_ij = +1 at j = i + row_offset, −1 elsewhere (None: −1 everywhere, a
+            block of another rank's texts in SigLIP's ring); chunk: columns per
         gradient block (as in `infonce_block_grads`); need_grads: form dq, dk and Σ G.
     Returns (float32; float64 for float64 inputs): loss_sum 0-dim = Σ_ij softplus(−y_ij·l_ij)
         with l = s·q·kᵀ + β; dq [b, D] = G·k, dk [B, D] = Gᵀ·q (not multiplied by s) and
         grad_sum 0-dim = Σ_ij G_ij for G = σ(l) − [y = +1], or None without need_grads.
     """
-    st = _setup(q, k, row_offset, tiles, "sigmoid")
+    st = _setup(q, k, 0 if row_offset is None else row_offset, tiles, "sigmoid")
+    if row_offset is None:  # a positive column past the last one: no (row, column) pair matches
+        row_offset = k.shape[0]
     b, big_b, dev = q.shape[0], k.shape[0], q.device
     zero = torch.zeros((), dtype=st.cdt, device=dev)
     if b == 0:

@@ -14,7 +14,9 @@ and B = W·b global rows:
               involves row i's block), dT_all = Gᵀ·I_local and reduce-scatter it, so each
               rank receives the sum over ranks for its own text rows only.
   SigLIP, 3 b×B×D matmuls in one forward pass; dT_all is reduce-scattered there, so only
-  [b, D] gradients are kept for backward.
+  [b, D] gradients are kept for backward. `exchange="ring"` does the same arithmetic with
+  O(b·D) memory instead of O(B·D): text blocks and their gradient accumulators travel
+  round the ranks by point-to-point sends, the next block prefetched while one is scored.
 
 Gradient scaling. Every rank returns W × (its share of the global loss); the shares sum to
 the global loss, so the mean over ranks of the returned values is the global loss. Backward
@@ -108,23 +110,81 @@ class _FusedInfoNCE(torch.autograd.Function):
         return d_image, d_text, d_scale, None, None
 
 
+def _sigmoid_gathered(image, text, scale, bias, kernels, chunk, need_grads):
+    """This rank's rows against the all-gathered texts; text gradients reduce-scattered.
+
+    Returns (loss_sum, dq [b, D], dk [b, D] summed over ranks for this rank's texts, Σ G).
+    """
+    text_all = distributed.all_gather_rows(text)
+    world, offset = _block_layout(image.shape[0], text_all.shape[0])
+    total, dq, dk, grad_sum = kernels.sigmoid_block(image, text_all, scale, bias, offset, chunk,
+                                                    need_grads=need_grads)
+    return total, dq, (distributed.reduce_scatter_rows(dk) if dq is not None else None), grad_sum
+
+
+def _sigmoid_ring(image, text, scale, bias, kernels, chunk, need_grads):
+    """The same four values with O(b·D) memory: text blocks travel round the ring.
+
+    At step t this rank holds the texts of rank r−t and scores them against its images (only
+    step 0 has positives). Their gradient accumulator travels one hop behind on a second ring:
+    rank r adds its part and passes it on, and after W hops it reaches its owner complete.
+    The next text block is received while this one is scored. Never holds more than four
+    [b, D] blocks, instead of the gathered [B, D] texts and their [B, D] gradient.
+    """
+    world, rows = distributed.world_size(), image.shape[0]
+    # Unequal blocks would make the receives mismatch (a hang or garbage), so check first.
+    low, high = distributed.all_reduce(torch.tensor([-rows, rows], device=image.device), "max").tolist()
+    if -low != high:
+        raise ValueError(f"every rank needs the same local batch for the ring: {rows} rows here, "
+                         f"between {-low} and {high} across ranks")
+    block, total, dq_sum, grad_sum, passing = text.detach().contiguous(), 0, None, 0, None
+    for step in range(world):
+        if step < world - 1:  # prefetch the next block while this one is scored
+            incoming = torch.empty_like(block)
+            text_ring = distributed.ring_pass(block, incoming)
+        # Only the own block (step 0) holds positives; None = every pair is a negative.
+        part, dq, dk, g_sum = kernels.sigmoid_block(image, block, scale, bias, 0 if step == 0 else None,
+                                                    chunk, need_grads=need_grads)
+        total = total + part
+        if need_grads:
+            dq_sum = dq if dq_sum is None else dq_sum.add_(dq)
+            grad_sum = grad_sum + g_sum
+            if passing is not None:  # this block's gradient so far, from the rank before
+                for handle in passing[0]:
+                    handle.wait()
+                dk.add_(passing[1])
+            arriving = torch.empty_like(dk)
+            passing = (distributed.ring_pass(dk, arriving), arriving)
+        if step < world - 1:
+            for handle in text_ring:
+                handle.wait()
+            block = incoming
+    if not need_grads:
+        return total, None, None, None
+    for handle in passing[0]:  # the last hop brings this rank's own texts' complete gradient
+        handle.wait()
+    return total, dq_sum, passing[1], grad_sum
+
+
+SIGMOID_EXCHANGES = {"gather": _sigmoid_gathered, "ring": _sigmoid_ring}
+
+
 class _FusedSigmoid(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, bias, kernels, chunk):
-        text_all = distributed.all_gather_rows(text)
-        b, big_b = image.shape[0], text_all.shape[0]
-        world, offset = _block_layout(b, big_b)
+    def forward(ctx, image, text, scale, bias, kernels, chunk, exchange):
+        world = distributed.world_size()
+        big_b = image.shape[0] * world
         need_i, need_t, need_s, need_b = ctx.needs_input_grad[:4]
         with torch.autocast(image.device.type, enabled=False):
-            total, dq, dk, grad_sum = kernels.sigmoid_block(
-                image.detach(), text_all, scale.detach(), bias.detach(), offset, chunk,
+            total, dq, dk, grad_sum = SIGMOID_EXCHANGES[exchange if world > 1 else "gather"](
+                image.detach(), text, scale.detach(), bias.detach(), kernels, chunk,
                 need_grads=need_i or need_t or need_s or need_b)
         if dq is not None:
             cdt = dq.dtype
             coef = world / big_b
             s = scale.detach().reshape(()).to(cdt)
-            # Reduce-scatter here rather than in backward: only [b, D] is kept for backward.
-            d_text = distributed.reduce_scatter_rows(dk) * (s * coef) if need_t else None
+            # The text gradients are complete in forward: only [b, D] is kept for backward.
+            d_text = dk * (s * coef) if need_t else None
             d_scale = (dq * image.detach().to(cdt)).sum() * coef if need_s else None
             d_image = dq.mul_(s * coef) if need_i else None
             ctx.save_for_backward(d_image, d_text, d_scale, grad_sum * coef)
@@ -142,7 +202,7 @@ class _FusedSigmoid(torch.autograd.Function):
                 (d_text * g).to(t_dtype) if need_t else None,
                 (d_scale * g).reshape(s_shape).to(s_dtype) if need_s else None,
                 (d_bias * g).reshape(b_shape).to(b_dtype) if need_b else None,
-                None, None)
+                None, None, None)
 
 
 class _FusedDistill(torch.autograd.Function):
@@ -195,15 +255,21 @@ def fused_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.
 
 
 def fused_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                      logit_bias: torch.Tensor, *, impl: str = "chunked", chunk: int = 4096) -> torch.Tensor:
+                      logit_bias: torch.Tensor, *, impl: str = "chunked", chunk: int = 4096,
+                      exchange: str = "gather") -> torch.Tensor:
     """Pairwise sigmoid loss of the global batch, sharded like `fused_clip_loss`.
 
     Args:
         image, text: [b, D] this rank's features. logit_scale, logit_bias: 0-dim or [1].
+        exchange: "gather" (all-gather the texts, reduce-scatter their gradients) or "ring"
+            (pass text blocks and their gradients round the ranks: O(b·D) memory, W hops).
     Returns:
         0-dim: on one process `siglip_loss(image, text, s, β)`; on W ranks W × this rank's share.
     """
-    return _FusedSigmoid.apply(image, text, logit_scale, logit_bias, resolve_kernels(impl, image.device), chunk)
+    if exchange not in SIGMOID_EXCHANGES:
+        raise ValueError(f"exchange must be one of {sorted(SIGMOID_EXCHANGES)}, got {exchange!r}")
+    return _FusedSigmoid.apply(image, text, logit_scale, logit_bias, resolve_kernels(impl, image.device), chunk,
+                               exchange)
 
 
 def fused_distill_kl(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, teacher_image: torch.Tensor,

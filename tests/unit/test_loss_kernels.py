@@ -99,6 +99,20 @@ def test_sigmoid_primitive_matches_definition(big_b, offset, rows, scale, bias, 
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
+def test_sigmoid_primitive_without_positives(chunk):
+    """row_offset=None (another rank's texts in SigLIP's ring): every pair is a negative."""
+    img, txt = features(11, 21, seed=5)
+    q, s, bb = img[:7], torch.tensor([10.0], dtype=F64), torch.tensor(-10.0, dtype=F64)
+    logits = s * q @ txt.T + bb
+    total, dq, dk, grad_sum = kernels.sigmoid_block(q, txt, s, bb, None, chunk_of(chunk, 7))
+    g = logits.sigmoid()
+    torch.testing.assert_close(total, F.softplus(logits).sum(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dq, g @ txt, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dk, g.T @ q, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_sum, g.sum(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("b,d,scale", [(13, 33, 14.3), (5, 7, 100.0), (1, 3, 1.0)])
 def test_fused_clip_one_process_matches_reference(b, d, scale, chunk):
     img, txt = features(b, d)

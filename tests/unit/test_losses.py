@@ -98,3 +98,14 @@ def test_module_single_process_equals_functional():
     sig = SigLipLoss()
     value, _ = sig(img.float(), txt.float())
     torch.testing.assert_close(value, siglip_loss(img.float(), txt.float(), sig.scale(), sig.logit_bias.float()))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"exchange": "tree"}, "loss.exchange='tree' is not one of gather, ring"),
+    ({"exchange": "ring", "impl": "naive"}, "loss.exchange=ring runs the fused losses"),
+])
+def test_siglip_exchange_is_checked_at_build(kwargs, message):
+    from clipkit.errors import ClipkitConfigError
+
+    with pytest.raises(ClipkitConfigError, match=message):
+        SigLipLoss(**kwargs)

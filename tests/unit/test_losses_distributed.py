@@ -34,9 +34,12 @@ def make_batch(loss_name: str) -> tuple[list[torch.Tensor], list[bool]]:
 
 
 def loss_and_grads(loss_name, inputs, trainable, impl):
-    """Returns the loss, the trainable inputs' grads and the grads of the loss's own parameters."""
+    """Returns the loss, the trainable inputs' grads and the grads of the loss's own parameters.
+    `impl` "<impl>+ring" runs SigLIP's ring exchange."""
     torch.manual_seed(0)
-    module = LOSSES[loss_name](impl=impl, **({"block_elems": 20} if loss_name == "filip" else {"chunk_size": 2}))
+    impl, _, exchange = impl.partition("+")
+    options = {"block_elems": 20} if loss_name == "filip" else {"chunk_size": 2}
+    module = LOSSES[loss_name](impl=impl, **options, **({"exchange": exchange} if exchange else {}))
     args = [x.clone().requires_grad_() if t else x for x, t in zip(inputs, trainable)]
     value, _ = module(*args)
     value.backward()
@@ -44,7 +47,8 @@ def loss_and_grads(loss_name, inputs, trainable, impl):
 
 
 CASES = [(loss_name, impl) for loss_name in LOSSES for impl in ("naive", "chunked")] + [
-    ("clip", "triton"), ("siglip", "triton")]  # Triton kernels under the interpreter
+    ("clip", "triton"), ("siglip", "triton"),  # Triton kernels under the interpreter
+    ("siglip", "chunked+ring"), ("siglip", "triton+ring")]
 
 
 def worker(rank, world, port, out_dir):
@@ -72,9 +76,9 @@ def worker(rank, world, port, out_dir):
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_split_matches_single_process(world, tmp_path):
     """For CLIP, SigLIP, FILIP and distillation, `naive` and `chunked` (and `triton` for CLIP
-    and SigLIP): the reference is the
-    1-process naive (materialized) loss; `chunked` runs the fused scheme (gather without
-    grad, all-reduced column stats, reduce-scattered gradients)."""
+    and SigLIP, and SigLIP's ring exchange): the reference is the 1-process naive
+    (materialized) loss; `chunked` runs the fused scheme (gather without grad, all-reduced
+    column stats, reduce-scattered gradients), `+ring` passes text blocks round the ranks."""
     mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     b = GLOBAL_B // world
     for loss_name, impl in CASES:

@@ -146,6 +146,21 @@ def test_sigmoid_block_matches_float64(case, scale, bias):
     torch.testing.assert_close(alone[0], loss)
 
 
+@pytest.mark.parametrize("case", ["rank_block", "b_below_one_tile"])
+def test_sigmoid_block_without_positives(case):
+    """row_offset=None (another rank's texts in SigLIP's ring): y = −1 for every pair."""
+    b, big_b, d, _, tiles, chunk = CASES[case]
+    q, k = pair(b, big_b, d, 0, seed=4, dtype=torch.float32)
+    s, beta = torch.tensor(10.0), torch.tensor(-10.0)
+    loss, dq, dk, gsum = sigmoid_block(q, k, s, beta, None, chunk, True, tiles=tiles)
+    lg = logits64(q, k, 10.0, -10.0)
+    g = torch.sigmoid(lg)
+    torch.testing.assert_close(loss.double(), F.softplus(lg).sum(), rtol=2e-6, atol=0)
+    torch.testing.assert_close(dq.double(), g @ k.double(), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(dk.double(), g.T @ q.double(), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(gsum.double(), g.sum(), rtol=2e-6, atol=2e-5)
+
+
 def test_sigmoid_float64_is_exact():
     q, k = pair(30, 70, 33, 40, seed=9)
     got = sigmoid_block(q, k, torch.tensor(100.0, dtype=F64), torch.tensor(-10.0, dtype=F64), 40, 32, True,
