@@ -73,8 +73,9 @@ def late_interaction_metrics(sim: Similarity, *, image_tokens: torch.Tensor, tas
     results: dict[str, dict[str, float]] = {}
     if "zeroshot_classification" in tasks:
         scores = zeroshot_scores(sim, image_tokens, class_tokens, class_mask, num_classes)
-        top = scores.topk(min(5, num_classes), dim=1).indices.numpy()
-        results["zeroshot_classification"] = classification_metrics(top, labels.numpy(), num_classes)
+        labels = labels.numpy().astype(np.int64)
+        ranks = ranks_from_scores(scores.numpy(), np.arange(len(labels)), labels)
+        results["zeroshot_classification"] = classification_metrics(ranks, labels, num_classes)
     if "retrieval" in tasks:
         owners = text_image_index.numpy().astype(np.int64)
         captions = np.arange(len(owners))

@@ -3,7 +3,8 @@
 Metric names and definitions follow CLIP_benchmark, so clipkit's numbers are directly
 comparable with its published tables. Nothing here builds a full [queries, gallery]
 score matrix: metrics come from top-k arrays (`clipkit.eval.search`) or from ranks
-counted chunk by chunk (`positive_ranks`).
+counted chunk by chunk (`positive_ranks`), for classification (the true class among the
+class embeddings) as for retrieval.
 
 Rank and ties. The rank of a query is the 1-based rank of its best-scoring correct
 item (for text retrieval: the best of the image's captions). Ties count against the
@@ -30,29 +31,30 @@ import torch
 TIE_ATOL = 1e-6
 
 
-def classification_metrics(top_indices: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """`acc1`, `acc5` and `mean_per_class_recall` of ranked class predictions.
+def classification_metrics(ranks: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """`acc1`, `acc5` and `mean_per_class_recall` from each image's rank of its true class.
 
     Args:
-        top_indices: [N, k] int, predicted class ids best first; k >= min(5, num_classes).
+        ranks: [N] int, the pessimistic rank (module docstring) of the true class among the
+            C class scores: a class tied with the true one counts as ahead of it, so a tie
+            at the top is a miss whatever the class order. `positive_ranks` gives them.
         labels: [N] int, true class ids in [0, num_classes).
         num_classes: C, the number of candidate classes.
 
     Returns:
-        `acc5` is NaN when C < 5 (top-5 would be trivially 1), as in CLIP_benchmark.
-        `mean_per_class_recall` is top-1 recall averaged over the classes that occur in
-        `labels` (sklearn's balanced accuracy), which differs from `acc1` when classes
-        are imbalanced.
+        `acc1` = mean(rank == 1), `acc5` = mean(rank <= 5), NaN when C < 5 (top-5 would be
+        trivially 1), as in CLIP_benchmark. `mean_per_class_recall` is top-1 recall averaged
+        over the classes that occur in `labels` (sklearn's balanced accuracy), which differs
+        from `acc1` when classes are imbalanced.
     """
-    labels = np.asarray(labels)
-    if top_indices.ndim != 2 or len(top_indices) != len(labels) or len(labels) == 0:
-        raise ValueError(f"expected [N, k] ids and [N] labels with N > 0, got {top_indices.shape} and {labels.shape}")
-    if top_indices.shape[1] < min(5, num_classes):
-        raise ValueError(f"need top-{min(5, num_classes)} predictions, got {top_indices.shape[1]}")
-    hit1 = top_indices[:, 0] == labels
-    acc5 = float(np.mean((top_indices[:, :5] == labels[:, None]).any(axis=1))) if num_classes >= 5 else float("nan")
-    classes = np.unique(labels)
-    per_class = [np.mean(hit1[labels == c]) for c in classes]
+    ranks, labels = np.asarray(ranks), np.asarray(labels)
+    if ranks.ndim != 1 or len(ranks) != len(labels) or len(labels) == 0:
+        raise ValueError(f"expected [N] ranks and [N] labels with N > 0, got {ranks.shape} and {labels.shape}")
+    if ranks.min() < 1 or ranks.max() > num_classes:
+        raise ValueError(f"class ranks must lie in [1, {num_classes}], got [{ranks.min()}, {ranks.max()}]")
+    hit1 = ranks == 1
+    acc5 = float(np.mean(ranks <= 5)) if num_classes >= 5 else float("nan")
+    per_class = [np.mean(hit1[labels == c]) for c in np.unique(labels)]
     return {"acc1": float(np.mean(hit1)), "acc5": acc5, "mean_per_class_recall": float(np.mean(per_class))}
 
 

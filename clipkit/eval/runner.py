@@ -15,7 +15,7 @@ import torch
 
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval.embed import EmbeddedSet
-from clipkit.eval.metrics import classification_metrics, retrieval_metrics, retrieval_metrics_exact
+from clipkit.eval.metrics import classification_metrics, positive_ranks, retrieval_metrics, retrieval_metrics_exact
 from clipkit.eval.search import (APPROX_INDEXES, approximate_topk, build_index, recall_vs_exact, set_search_params,
                                  topk_inner_product)
 
@@ -85,8 +85,8 @@ def evaluate_embedded(
         if len(labels) == 0 or labels.min() < 0 or labels.max() >= len(classifier):
             raise ClipkitConfigError(f"zeroshot_classification needs a label in [0, {len(classifier)}) for every image; "
                                      "drop the task for sets without class labels")
-        _, top = topk_inner_product(images, _np(classifier.float()), 5, use_gpu=use_gpu)
-        results["zeroshot_classification"] = classification_metrics(top, labels, len(classifier))
+        ranks = positive_ranks(images, _np(classifier.float()), np.arange(len(images)), labels)
+        results["zeroshot_classification"] = classification_metrics(ranks, labels, len(classifier))
     if "retrieval" in tasks:
         if len(emb.text_emb) == 0:
             raise ClipkitConfigError("retrieval needs captions; drop the task for sets without them")

@@ -42,18 +42,18 @@ def _ranked(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")
 
 
+def _true_class_ranks(top: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """1-based position of each label in a full ranked class list."""
+    return (top == labels[:, None]).argmax(axis=1) + 1
+
+
 def test_classification_imbalanced_hand_case() -> None:
     labels = np.array([0, 0, 0, 0, 1, 2, 1])
-    top = np.array([
-        [0, 1, 2, 3, 4, 5],
-        [0, 1, 2, 3, 4, 5],
-        [0, 1, 2, 3, 4, 5],
-        [0, 1, 2, 3, 4, 5],
-        [3, 4, 5, 1, 0, 2],  # label 1 at rank 4: top-5 hit, top-1 miss
-        [2, 0, 1, 3, 4, 5],
-        [5, 4, 3, 2, 0, 1],  # label 1 at rank 6: miss even at top-5
-    ])
-    m = classification_metrics(top, labels, num_classes=6)
+    ranks = np.array([1, 1, 1, 1,
+                      4,   # label 1 at rank 4: top-5 hit, top-1 miss
+                      1,
+                      6])  # label 1 at rank 6: miss even at top-5
+    m = classification_metrics(ranks, labels, num_classes=6)
     assert m["acc1"] == pytest.approx(5 / 7)
     assert m["acc5"] == pytest.approx(6 / 7)
     # Per-class top-1 recall: class 0 4/4, class 1 0/2, class 2 1/1 -> 2/3, not acc1's 5/7.
@@ -61,18 +61,33 @@ def test_classification_imbalanced_hand_case() -> None:
 
 
 def test_classification_acc5_nan_below_five_classes() -> None:
-    m = classification_metrics(np.array([[0, 1, 2], [2, 1, 0]]), np.array([0, 1]), num_classes=3)
+    m = classification_metrics(np.array([1, 2]), np.array([0, 1]), num_classes=3)
     assert math.isnan(m["acc5"]) and m["acc1"] == 0.5 and m["mean_per_class_recall"] == 0.5
+    with pytest.raises(ValueError, match="ranks must lie"):
+        classification_metrics(np.array([1, 4]), np.array([0, 1]), num_classes=3)
 
 
 def test_classification_matches_sklearn_and_topk_on_random_logits() -> None:
     rng = np.random.default_rng(0)
     logits, labels = rng.standard_normal((500, 12)), rng.choice(12, 500, p=np.linspace(1, 3, 12) / 24)
-    m = classification_metrics(_ranked(logits)[:, :5], labels, num_classes=12)
+    m = classification_metrics(_true_class_ranks(_ranked(logits), labels), labels, num_classes=12)
     top5 = np.argsort(-logits, axis=1)[:, :5]
     assert m["acc1"] == pytest.approx(np.mean(logits.argmax(1) == labels))
     assert m["acc5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(1)))
     assert m["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, logits.argmax(1)))
+
+
+def test_classification_tie_with_another_class_is_a_miss_whatever_the_class_order() -> None:
+    # Classes 0 and 1 have the same embedding: an image of either ties them at the top.
+    classifier = np.array([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]], np.float32)
+    images = np.array([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]], np.float32)
+    emb = EmbeddedSet(image_emb=torch.from_numpy(images), text_emb=torch.zeros(0, 3),
+                      labels=torch.tensor([0, 1, 2]), text_image_index=torch.zeros(0, dtype=torch.long))
+    got = evaluate_embedded(emb, tasks=["zeroshot_classification"],
+                            classifier=torch.from_numpy(classifier))["zeroshot_classification"]
+    # Breaking the tie by class index (torch.topk, argsort) would make image 0 a hit: acc1 2/3.
+    assert got["acc1"] == pytest.approx(1 / 3)  # only the untied class is a hit
+    assert got["mean_per_class_recall"] == pytest.approx(1 / 3)
 
 
 # 4 captions x 3 images; image 0 owns captions 0 and 1, image 1 caption 2, image 2 caption 3.
