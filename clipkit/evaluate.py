@@ -2,13 +2,15 @@
 
 Scores a clipkit run directory (its latest checkpoint, exported to open_clip format on the
 way) or any open_clip model plus local weights. Writes one CLIP_benchmark JSON per
-(set, task), plus `summary.csv` and `summary.md` (rows per model, dataset, task) into `out_dir`.
+(model, set, task) as `out_dir/<model>/<set>_<task>.json`, and `summary.csv` and `summary.md`
+(rows per model, dataset, task, across every model scored into `out_dir`).
 
     clipkit-eval run_dir=outputs/demo_digits-clip eval.search.index=hnsw eval.cache_dir=outputs/emb_cache
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -51,6 +53,11 @@ def checkpoint_tag(run_dir: str | None, pretrained: str | None) -> str:
     return f"{path.name}-{path.stat().st_mtime_ns}" if pretrained and path.is_file() else str(pretrained)
 
 
+def result_folder(label: str) -> str:
+    """A model label ("ViT-B-32-weights.pt", a run name) as one safe path component."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "model"
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from clipkit.checkpoint import export_open_clip
     from clipkit.eval.runner import write_summary
@@ -70,12 +77,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         model_name, pretrained, label = f"local-dir:{weights.parent}", None, Path(cfg.run_dir).name
     else:
         model_name, pretrained = cfg.model_name, cfg.pretrained
-        label = model_name
+        label = model_name if pretrained is None else f"{model_name}-{Path(str(pretrained)).name}"
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     model, preprocess, tokenizer = load_open_clip(model_name, pretrained, device)
+    # One folder of CLIP_benchmark JSONs per scored model, so evals of several models (or of one
+    # architecture with several weight files) into one out_dir never overwrite each other.
     suite = EvalSuite(specs, preprocess=preprocess, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
-                      out_dir=Path(cfg.out_dir), model_name=label, pretrained=str(pretrained or label),
+                      out_dir=Path(cfg.out_dir) / result_folder(label), model_name=label, pretrained=str(pretrained or label),
                       search=search, cache_dir=cfg.eval.get("cache_dir"))
     metrics = suite.run(ContrastiveObjective(model, loss=run_scoring_loss(cfg.run_dir)), device=device,
                         tag=checkpoint_tag(cfg.run_dir, pretrained))

@@ -5,7 +5,9 @@
     clipkit-shards csv pairs.csv out/ --caption-col text --extra-cols source,license
     clipkit-shards parquet val.parquet out/ --split test --classnames names.txt --templates templates.txt
 
-Output: `out/<split>/{00000..N}.tar`, `nshards.txt` and `stats.json` (see clipkit/data/writer.py).
+Output: `out/<split>/{00000..N}.tar` (train) or CLIP_benchmark's `out/<split>/{0..N}.tar` (other
+splits; `--naming` overrides), `nshards.txt` and `stats.json` (see clipkit/data/writer.py). An eval
+split without labels also gets CLIP_benchmark's `out/dataset_type.txt` ("retrieval").
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 from collections.abc import Sequence
 
 from clipkit.data.digits import write_digits_shards
-from clipkit.data.writer import rows_from_folder, rows_from_table, write_eval_metadata, write_rows
+from clipkit.data.writer import (SHARD_NAMING, read_eval_metadata, rows_from_folder, rows_from_table,
+                                 write_eval_metadata, write_rows)
 from clipkit.errors import ClipkitConfigError
 
 
@@ -44,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--classnames", help="eval sets: copied to OUT/classnames.txt")
         sub.add_argument("--templates", help="eval sets: copied to OUT/zeroshot_classification_templates.txt")
         sub.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT/SPLIT/")
+        sub.add_argument("--naming", choices=SHARD_NAMING, default=None,
+                         help="shard file names: img2dataset's 00000.tar or CLIP_benchmark's 0.tar "
+                              "(default: img2dataset for --split train, clip_benchmark otherwise)")
         if name != "folder":
             sub.add_argument("--image-col", default=None, help="default: the first of path, url, image, filepath")
             sub.add_argument("--caption-col", default="caption")
@@ -66,9 +72,12 @@ def _run(args: argparse.Namespace) -> str:
         rows = rows_from_table(args.file, image_column=args.image_col, caption_column=args.caption_col,
                                label_column=args.label_col, extra_columns=extra)
     split_dir = f"{args.out}/{args.split}"
-    write_eval_metadata(args.out, args.classnames, args.templates)
+    metadata = read_eval_metadata(args.classnames, args.templates)  # checked before any shard is written
+    naming = args.naming or ("img2dataset" if args.split == "train" else "clip_benchmark")
     stats = write_rows(rows, split_dir, shard_size=args.shard_size, processes=args.processes,
-                       max_side=args.max_side, timeout=args.timeout, overwrite=args.overwrite)
+                       max_side=args.max_side, timeout=args.timeout, overwrite=args.overwrite, naming=naming)
+    unlabelled_eval = args.split != "train" and all(row.label is None for row in rows)
+    write_eval_metadata(args.out, metadata, dataset_type="retrieval" if unlabelled_eval else None)
     reasons = ", ".join(f"{n} {reason}" for reason, n in stats["failures_by_reason"].items())
     return (f"wrote {stats['count']} of {stats['rows']} rows in {len(stats['shards'])} shards to {split_dir} "
             f"({stats['failures']} failed{': ' + reasons if reasons else ''}; see {split_dir}/stats.json)")

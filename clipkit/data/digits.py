@@ -74,7 +74,8 @@ def write_digits_shards(out_dir: str | Path, *, image_size: int = 32, test_fract
     for split, indices, size in (("train", train_idx, shard_size),
                                  ("test", test_idx, min(shard_size, math.ceil(len(test_idx) / 2)))):
         samples = _samples([int(i) for i in indices], digits.images, digits.target, image_size, rng)
-        stats[split] = write_shards(samples, out / split, shard_size=size, overwrite=overwrite)
+        stats[split] = write_shards(samples, out / split, shard_size=size, overwrite=overwrite,
+                                    naming="img2dataset" if split == "train" else "clip_benchmark")
     (out / CLASSNAMES_FILE).write_text("\n".join(DIGIT_CLASSNAMES) + "\n")
     (out / TEMPLATES_FILE).write_text("\n".join(DIGIT_TEMPLATES) + "\n")
     return stats

@@ -13,12 +13,13 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
-from clipkit.data.urls import is_local
+from clipkit.data.urls import expand_urls, is_local
 from clipkit.errors import ClipkitConfigError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+DATASET_TYPE_FILE = "dataset_type.txt"  # CLIP_benchmark: "retrieval"; absent means classification
 
 
 @dataclass
@@ -109,3 +110,19 @@ def read_set_metadata(shard_dir_or_url_root: str) -> tuple[list[str] | None, lis
         lines = _read_lines(f"{root}/{name}")
         found.append(lines if lines is not None else _read_lines(f"{parent}/{name}"))
     return found[0], found[1]
+
+
+def clip_benchmark_set(root: str, split: str) -> tuple[list[str], str]:
+    """(shard URLs, dataset type) of a set in CLIP_benchmark's webdataset layout.
+
+    `root` is the directory (or URL root) that CLIP_benchmark's `--dataset_root` names:
+    `root/{split}/nshards.txt` holds N, the shards are `root/{split}/{0..N-1}.tar`, and
+    `root/dataset_type.txt` says "retrieval" for caption sets (absent: "classification").
+    """
+    root = root.rstrip("/")
+    count = _read_lines(f"{root}/{split}/nshards.txt")
+    if not count or not count[0].isdigit() or int(count[0]) < 1:
+        raise ClipkitConfigError(f"{root}/{split}/nshards.txt is missing or not a positive shard count; "
+                                 "a CLIP_benchmark set has <root>/<split>/nshards.txt and <split>/0.tar ...")
+    dataset_type = (_read_lines(f"{root}/{DATASET_TYPE_FILE}") or ["classification"])[0].lower()
+    return expand_urls(f"{root}/{split}/{{0..{int(count[0]) - 1}}}.tar"), dataset_type

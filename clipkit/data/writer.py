@@ -7,6 +7,11 @@ Layout, compatible with img2dataset's output and CLIP_benchmark's webdataset set
     out/{split}/nshards.txt     number of shards
     out/{split}/stats.json      counts, failures by reason, per-shard sample counts
     out/classnames.txt, out/zeroshot_classification_templates.txt   (eval sets, when given)
+    out/dataset_type.txt        "retrieval" for an eval split without labels (CLIP_benchmark)
+
+Shard names: img2dataset's zero-padded `00000.tar` for the train split, CLIP_benchmark's
+`0.tar, 1.tar, ...` for eval splits (`naming`), so `clip_benchmark eval --dataset wds/<name>
+--dataset_root out` reads an eval split as it is.
 
 Input rows are cut into shards of `shard_size` rows up front and each shard is one task
 for a process pool, so the output does not depend on the number of processes. Rows that
@@ -33,7 +38,7 @@ from typing import Any
 import PIL.Image
 from webdataset import TarWriter
 
-from clipkit.data.eval_reader import CLASSNAMES_FILE, TEMPLATES_FILE
+from clipkit.data.eval_reader import CLASSNAMES_FILE, DATASET_TYPE_FILE, TEMPLATES_FILE
 from clipkit.errors import ClipkitConfigError
 
 log = logging.getLogger(__name__)
@@ -142,6 +147,17 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+SHARD_NAMING = ("img2dataset", "clip_benchmark")
+
+
+def shard_name(index: int, naming: str) -> str:
+    """The file name of shard `index`: img2dataset's `00042.tar` (brace patterns like
+    `{00000..00099}.tar`) or CLIP_benchmark's `42.tar` (its loader opens `{0..N-1}.tar`)."""
+    if naming not in SHARD_NAMING:
+        raise ClipkitConfigError(f"shard naming must be one of {SHARD_NAMING}, got {naming!r}")
+    return f"{index:05d}.tar" if naming == "img2dataset" else f"{index}.tar"
+
+
 def _write_tar(samples: Iterable[dict[str, Any]], path: Path) -> int:
     """Writes `path` via its hidden temp name, so no half-written tar ever has a final name. Returns the count."""
     tmp, count = _tmp_name(path), 0
@@ -186,8 +202,9 @@ def _finish(out: Path, shards: list[dict[str, Any]], failures: Counter, rows: in
 
 
 def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *, shard_size: int,
-                 overwrite: bool = False) -> dict[str, Any]:
-    """Writes `out_dir/00000.tar, 00001.tar, ...` of `shard_size` samples each, plus nshards.txt and stats.json.
+                 overwrite: bool = False, naming: str = "img2dataset") -> dict[str, Any]:
+    """Writes `out_dir/00000.tar, 00001.tar, ...` (or `0.tar, 1.tar, ...` with naming
+    "clip_benchmark") of `shard_size` samples each, plus nshards.txt and stats.json.
 
     Serial; for ready-made sample dicts (`__key__` plus member values: bytes, str or int).
     A sample carrying `__error__` (a source that could not read an item) is counted as a
@@ -195,6 +212,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *, shar
     """
     if shard_size < 1:
         raise ClipkitConfigError(f"shard_size must be >= 1, got {shard_size}")
+    shard_name(0, naming)
     out = Path(out_dir)
     for old in _prepare(out, overwrite):
         old.unlink()
@@ -203,7 +221,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *, shar
     pending: list[dict[str, Any]] = []
 
     def flush() -> None:
-        name = f"{len(shards):05d}.tar"
+        name = shard_name(len(shards), naming)
         shards.append({"name": name, "count": _write_tar(pending, out / name)})
         pending.clear()
 
@@ -238,10 +256,14 @@ def _shard_task(rows: list[Row], tmp: str, max_side: int | None, timeout: float)
 
 
 def write_rows(rows: Sequence[Row], out_dir: str | Path, *, shard_size: int = 1000, processes: int = 1,
-               max_side: int | None = None, timeout: float = 10.0, overwrite: bool = False) -> dict[str, Any]:
-    """Writes `rows` as shards in `out_dir` with `processes` worker processes; returns the stats."""
+               max_side: int | None = None, timeout: float = 10.0, overwrite: bool = False,
+               naming: str = "img2dataset") -> dict[str, Any]:
+    """Writes `rows` as shards in `out_dir` with `processes` worker processes; returns the stats.
+
+    `naming` picks the shard file names (`shard_name`)."""
     if shard_size < 1 or processes < 1:
         raise ClipkitConfigError(f"shard_size and processes must be >= 1, got {shard_size} and {processes}")
+    shard_name(0, naming)
     if max_side is not None and max_side < 1:
         raise ClipkitConfigError(f"max_side must be >= 1, got {max_side}")
     out = Path(out_dir)
@@ -263,7 +285,7 @@ def write_rows(rows: Sequence[Row], out_dir: str | Path, *, shard_size: int = 10
         shards = []
         for part, (count, _) in zip(parts, results):
             if count:   # an all-failed chunk leaves no gap in the numbering
-                name = f"{len(shards):05d}.tar"
+                name = shard_name(len(shards), naming)
                 os.replace(part, out / name)
                 shards.append({"name": name, "count": count})
     finally:
@@ -272,9 +294,10 @@ def write_rows(rows: Sequence[Row], out_dir: str | Path, *, shard_size: int = 10
     return _finish(out, shards, failures, len(rows))
 
 
-def write_eval_metadata(out_dir: str | Path, classnames: str | Path | None, templates: str | Path | None) -> None:
-    """Copies CLIP_benchmark's `classnames.txt` / `zeroshot_classification_templates.txt` beside the splits."""
-    out = Path(out_dir)
+def read_eval_metadata(classnames: str | Path | None, templates: str | Path | None) -> dict[str, list[str]]:
+    """Checked lines of the class-name and template files to copy beside the splits, keyed by
+    their CLIP_benchmark file names; read (and refused) before any shard is written."""
+    found = {}
     for given, name in ((classnames, CLASSNAMES_FILE), (templates, TEMPLATES_FILE)):
         if given is None:
             continue
@@ -283,6 +306,19 @@ def write_eval_metadata(out_dir: str | Path, classnames: str | Path | None, temp
         lines = [line.strip() for line in Path(given).read_text(encoding="utf-8").splitlines() if line.strip()]
         if name == TEMPLATES_FILE and not all("{c}" in line for line in lines):
             raise ClipkitConfigError(f"every template in {given} needs a {{c}} placeholder for the class name")
+        found[name] = lines
+    return found
+
+
+def write_eval_metadata(out_dir: str | Path, metadata: dict[str, list[str]], *,
+                        dataset_type: str | None = None) -> None:
+    """Writes CLIP_benchmark's side files beside the splits: `read_eval_metadata`'s files, and
+    `dataset_type.txt` when given ("retrieval" marks a caption set; classification is the default)."""
+    out = Path(out_dir)
+    files = dict(metadata)
+    if dataset_type is not None:
+        files[DATASET_TYPE_FILE] = [dataset_type]
+    for name, lines in files.items():
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{name}.tmp"
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

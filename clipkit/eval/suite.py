@@ -19,6 +19,7 @@ from torch import nn
 
 from clipkit import distributed
 from clipkit.data import EvalBatch, expand_urls, iter_eval_batches, read_set_metadata
+from clipkit.data.eval_reader import clip_benchmark_set
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval import datasets
 from clipkit.eval.cache import cache_path, load_embedded, save_embedded
@@ -29,15 +30,16 @@ from clipkit.eval.captioning import evaluate_captioning
 from clipkit.eval.late_interaction import late_interaction_metrics
 from clipkit.eval.zeroshot import zeroshot_classifier
 
-SOURCES = ("urls", *datasets.FILE_SOURCES)
+# clip_benchmark: a directory in CLIP_benchmark's webdataset layout (its --dataset_root), read as urls.
+SOURCES = ("urls", "clip_benchmark", *datasets.FILE_SOURCES)
 # "captioning" (CoCa models: caption CE, BLEU-4, CIDEr) is opt-in per set, never a default.
 SET_TASKS = (*TASKS, "captioning")
 
 
 @dataclass
 class EvalSetSpec:
-    """One eval set. `source` is the key that named it in the config: urls (webdataset
-    shards, then `urls` holds the expanded list), csv, jsonl or folder (then `path`)."""
+    """One eval set. `source` is how it is read: urls (webdataset shards, given as `urls` or
+    as a `clip_benchmark` root; `urls` holds the expanded list), csv, jsonl or folder (`path`)."""
 
     name: str
     urls: list[str]
@@ -63,14 +65,25 @@ def _file_metadata(source: str, path: str) -> tuple[list[str] | None, list[str] 
 
 
 def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
-    """`eval.sets` ({name: {urls|csv|jsonl|folder, tasks, classnames, templates, ...}}) -> checked specs."""
+    """`eval.sets` ({name: {urls|clip_benchmark|csv|jsonl|folder, tasks, classnames, templates, ...}}) -> checked specs.
+
+    `clip_benchmark: <root>` (with `split`, default test) reads a set in CLIP_benchmark's
+    webdataset layout: shards from `<root>/<split>/nshards.txt`, default task from
+    `<root>/dataset_type.txt`, class names and templates from `<root>`.
+    """
     specs = []
     for name, s in (sets_cfg or {}).items():
         source = _source_of(name, s)
-        urls = expand_urls(s["urls"]) if source == "urls" else []
-        path = None if source == "urls" else str(s[source])
-        default_tasks = ["zeroshot_classification"] if source == "folder" else \
-            ["retrieval"] if source in ("csv", "jsonl") else TASKS
+        urls, path, dataset_type = [], None, None
+        if source == "urls":
+            urls = expand_urls(s["urls"])
+        elif source == "clip_benchmark":
+            urls, dataset_type = clip_benchmark_set(str(s["clip_benchmark"]), str(s.get("split") or "test"))
+            source = "urls"
+        else:
+            path = str(s[source])
+        default_tasks = ["zeroshot_classification"] if source == "folder" or dataset_type == "classification" else \
+            ["retrieval"] if source in ("csv", "jsonl") or dataset_type == "retrieval" else TASKS
         tasks = list(s.get("tasks") or default_tasks)
         unknown = sorted(set(tasks) - set(SET_TASKS))
         if unknown:

@@ -68,6 +68,6 @@ def test_clipkit_eval_scores_a_filip_run_token_wise(digits_root, demo_export):
     run_cli([sys.executable, "-m", "clipkit.evaluate", f"run_dir={run_dir}", f"out_dir={out}"], digits_root)
     for task in ("zeroshot_classification", "retrieval"):
         during = json.loads((run_dir / "eval" / f"digits_{task}.json").read_text())["metrics"]
-        after = json.loads((out / f"digits_{task}.json").read_text())["metrics"]
+        after = json.loads((out / run_dir.name / f"digits_{task}.json").read_text())["metrics"]
         for key, value in during.items():
             assert after[key] == pytest.approx(value, abs=1e-6), (task, key)

@@ -89,7 +89,7 @@ def test_clipkit_eval_scores_a_run_directory(fast_run, digits_root):
     proc = run_cli([sys.executable, "-m", "clipkit.evaluate", f"run_dir={fast_run}", f"out_dir={out}"], digits_root)
     assert "acc1" in proc.stdout
     train_acc1 = json.loads((fast_run / "eval" / "digits_zeroshot_classification.json").read_text())["metrics"]["acc1"]
-    eval_acc1 = json.loads((out / "digits_zeroshot_classification.json").read_text())["metrics"]["acc1"]
+    eval_acc1 = json.loads((out / fast_run.name / "digits_zeroshot_classification.json").read_text())["metrics"]["acc1"]
     assert (out / "summary.md").exists()
     # The resumed run above ended at step 8 and evaluated it; clipkit-eval scores that same checkpoint.
     assert eval_acc1 == pytest.approx(train_acc1, abs=1e-6)

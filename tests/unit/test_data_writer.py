@@ -44,7 +44,7 @@ def test_digits_counts_layout_and_labels(digits_dir):
     assert (out / "classnames.txt").read_text().split("\n")[:10] == DIGIT_CLASSNAMES
     assert (out / "zeroshot_classification_templates.txt").read_text().splitlines() == DIGIT_TEMPLATES
     assert not list(out.rglob("*.tmp"))
-    members = _members(out / "test" / "00000.tar")
+    members = _members(out / "test" / "0.tar")  # eval split: CLIP_benchmark's shard names
     key = sorted(members)[0].split(".")[0]
     label = int(members[f"{key}.cls"])
     caption = members[f"{key}.txt"].decode()
@@ -210,8 +210,36 @@ def test_cli_writes_an_eval_set_in_clip_benchmark_layout(tmp_path, http_root, ca
                                    f"1 empty caption; see {out}/test/stats.json)")
     classnames, templates = read_set_metadata(str(out / "test"))
     assert classnames == [f"class{i}" for i in range(5)] and templates == ["a photo of a {c}.", "it is a {c}."]
-    urls = [str(out / "test" / f"{i:05d}.tar") for i in range(3)]
+    assert sorted(p.name for p in (out / "test").glob("*.tar")) == ["0.tar", "1.tar", "2.tar"]
+    assert not (out / "dataset_type.txt").exists()  # labelled: CLIP_benchmark's default, classification
+    urls = [str(out / "test" / f"{i}.tar") for i in range(3)]
     batches = list(iter_eval_batches(urls, preprocess=lambda im: torch.zeros(3, 4, 4), batch_size=8))
     assert batches[0].labels.tolist() == [0, 1, 2, -1] and batches[0].captions[0] == ["a local box"]
+    (tmp_path / "names.txt").write_text("other\n")
     with pytest.raises(SystemExit, match="^clipkit-shards: error: .*pass --overwrite"):
         main(argv)
+    assert read_set_metadata(str(out / "test"))[0] == classnames  # a refused run rewrites nothing
+
+
+def test_clip_benchmark_reads_the_written_eval_splits(digits_dir, tmp_path):
+    """CLIP_benchmark 1.6.2's own loader (`build_wds_dataset`) on a classification and a retrieval split."""
+    builder = pytest.importorskip("clip_benchmark.datasets.builder",
+                                  reason="clip-benchmark is installed by `make setup` (pip install --no-deps clip-benchmark==1.6.2)")
+    from clipkit.shards import main
+
+    out, stats = digits_dir
+    digits = builder.build_wds_dataset("wds/digits", transform=lambda im: im.size, split="test", data_dir=str(out))
+    samples = list(digits)
+    assert len(samples) == stats["test"]["count"] and samples[0][0] == (32, 32)
+    assert digits.classes == DIGIT_CLASSNAMES and digits.templates == DIGIT_TEMPLATES
+    assert {label for _, label in samples} == set(range(10))
+
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        _image(tmp_path / "img" / f"{i}.png", size=(8 + i, 8))
+    (tmp_path / "pairs.csv").write_text("path,caption\n" + "".join(f'img/{i}.png,"box {i}\nsquare {i}"\n' for i in range(3)))
+    main(["csv", str(tmp_path / "pairs.csv"), str(tmp_path / "coco"), "--split", "test", "--shard-size", "2"])
+    assert (tmp_path / "coco" / "dataset_type.txt").read_text().strip() == "retrieval"
+    captions = builder.build_wds_dataset("wds/coco", transform=lambda im: im.size, split="test",
+                                         data_dir=str(tmp_path / "coco"))
+    assert [c for _, c in captions] == [[f"box {i}", f"square {i}"] for i in range(3)]

@@ -153,3 +153,30 @@ def test_suite_scores_file_sets_caches_embeddings_and_writes_summary(caption_set
     md = (tmp_path / "out" / "summary.md").read_text().splitlines()
     assert md[0].startswith("| model | dataset | task | ") and md[1].startswith("|---|")
     assert len(md) == 2 + 3  # color/coco, color/colors, other/coco
+
+
+def test_clip_benchmark_root_reads_nshards_dataset_type_and_metadata(tmp_path: Path) -> None:
+    from clipkit.data.writer import write_eval_metadata, write_shards
+
+    def sample(i: int, label: bool) -> dict:
+        image = _png(tmp_path / "src" / f"{i}.png", list(COLORS.values())[i % 3])
+        return {"__key__": f"{i:09d}", "png": (tmp_path / "src" / image).read_bytes(), "txt": f"caption {i}",
+                **({"cls": i % 3} if label else {})}
+
+    classes = tmp_path / "classes"
+    write_shards((sample(i, True) for i in range(5)), classes / "test", shard_size=2, naming="clip_benchmark")
+    write_eval_metadata(classes, {"classnames.txt": list(COLORS), "zeroshot_classification_templates.txt": ["a {c}."]})
+    captions = tmp_path / "captions"
+    write_shards((sample(i, False) for i in range(3)), captions / "val", shard_size=2, naming="clip_benchmark")
+    write_eval_metadata(captions, {}, dataset_type="retrieval")
+
+    spec, = build_eval_specs({"colors": {"clip_benchmark": str(classes)}})  # split defaults to test
+    assert spec.urls == [str(classes / "test" / f"{i}.tar") for i in range(3)]
+    assert spec.tasks == ["zeroshot_classification"] and spec.classnames == list(COLORS)
+    spec, = build_eval_specs({"coco": {"clip_benchmark": str(captions), "split": "val"}})
+    assert spec.tasks == ["retrieval"] and len(spec.urls) == 2
+    with pytest.raises(ClipkitConfigError, match="nshards.txt is missing"):
+        build_eval_specs({"coco": {"clip_benchmark": str(captions)}})  # no test split there
+    (classes / "test" / "1.tar").unlink()
+    with pytest.raises(ClipkitConfigError, match="shard not found"):
+        build_eval_specs({"colors": {"clip_benchmark": str(classes)}})

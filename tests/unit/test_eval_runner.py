@@ -189,3 +189,12 @@ def test_format_results_table() -> None:
     assert lines[3].split() == ["cifar10", "zeroshot_classification", "acc5", "nan"]
     assert lines[4].split() == ["flickr30k", "retrieval", "image_retrieval_recall@1", "0.5000"]
     assert len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_result_folders_keep_models_apart() -> None:
+    from clipkit.evaluate import result_folder
+
+    assert result_folder("ViT-B-32-laion2b.pt") == "ViT-B-32-laion2b.pt"
+    assert result_folder("local-dir:/x/export") == "local-dir_x_export"
+    assert result_folder("ViT-B-32-a.pt") != result_folder("ViT-B-32-b.pt")
+    assert result_folder("..") == "model"
