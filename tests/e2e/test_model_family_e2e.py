@@ -1,5 +1,6 @@
 """Every model-family experiment trains end to end through `clipkit-train` (real DeepSpeed,
-real digits shards), evaluates, and exports to open_clip with the same image embeddings."""
+real digits shards), evaluates, and exports to open_clip with the same image and text embeddings
+(and, for CoCa, the same caption logits)."""
 
 from __future__ import annotations
 
@@ -52,9 +53,15 @@ def test_family_trains_evaluates_and_exports(family, digits_root, demo_export):
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run_dir / 'export'}")
     model.eval()
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = open_clip.get_tokenizer(f"local-dir:{run_dir / 'export'}")(["a handwritten seven.", "zero", ""])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images, normalize=True), ours.encode_image(images),
                                    rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(tokens, normalize=True), ours.encode_text(tokens),
+                                   rtol=1e-5, atol=1e-5)
+        if family == "coca":  # the caption decoder travels too: same next-token logits
+            torch.testing.assert_close(model(images, tokens)["logits"], bundle.model(images, tokens)["logits"],
+                                       rtol=1e-5, atol=1e-5)
     assert type(model).__name__ == ("CoCa" if family == "coca" else "CLIP")
 
 
