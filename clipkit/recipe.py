@@ -27,7 +27,7 @@ from clipkit.checkpoint import OPEN_CLIP_CONFIG, Checkpointer, atomic_write_text
 from clipkit.data import build_sources, build_train_loader
 from clipkit.engine import build_optimizer, cosine_with_warmup, initialize_engine, render_deepspeed_config
 from clipkit.errors import ClipkitConfigError
-from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config
+from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config, check_captioning
 from clipkit.loggers import build_loggers
 from clipkit.models import ModelBundle, build_model, build_teacher_model, lock_towers, open_clip_config
 from clipkit.objective import OUTPUTS, ContrastiveObjective, Teacher
@@ -170,6 +170,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     world = info.world_size
     seed_everything(cfg.seed)
     bundle = build_towers(cfg.model)
+    check_captioning(eval_specs, bundle.model, zero_stage=cfg.trainer.zero_stage, world_size=world)
     objective = build_objective(cfg.model, bundle, build_loss(cfg.loss, bundle),
                                 max_steps=cfg.trainer.max_steps, seed=cfg.seed)
     engine = build_engine(objective, optim_cfg=cfg.optim, sched_cfg=cfg.sched, trainer_cfg=cfg.trainer,

@@ -47,7 +47,7 @@ def evaluate_captioning(model: nn.Module, batches: Iterable[EvalBatch], tokenize
     BLEU-4/CIDEr for an open_clip CoCa `model` in eval mode. With several ranks each scores
     its share of `batches` and the sums and captions are gathered: every rank gets the
     1-process result. (Greedy decoding stops early per batch, so forwards are not in
-    lockstep across ranks: not for ZeRO-3 multi-rank runs, where `run_training` refuses it.)
+    lockstep across ranks: not for ZeRO-3 multi-rank runs, which `check_captioning` refuses.)
 
     Returns ({"caption_ce", "bleu4", "cider"}, [{"generated", "references"} per image]).
     """

@@ -49,6 +49,7 @@ class EvalSetSpec:
     source: str = "urls"
     path: str | None = None
     reader_args: dict[str, str] = field(default_factory=dict)
+    caption_beams: int = 1  # captioning task: 1 = greedy decoding, > 1 = beam search of that width
 
 
 def _source_of(name: str, s: Any) -> str:
@@ -99,9 +100,32 @@ def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
                     f"eval.sets.{name}: zero-shot needs class names and templates; set "
                     f"eval.sets.{name}.classnames/templates or put classnames.txt and "
                     f"zeroshot_classification_templates.txt beside the shards")
+        beams = int(s.get("caption_beams") or 1)
+        if beams < 1:
+            raise ClipkitConfigError(f"eval.sets.{name}.caption_beams must be >= 1, got {beams}")
         specs.append(EvalSetSpec(name, urls, tasks, classnames and list(classnames),
-                                 templates and list(templates), source, path, reader_args))
+                                 templates and list(templates), source, path, reader_args, beams))
     return specs
+
+
+def check_captioning(specs: list[EvalSetSpec], model: nn.Module, *, zero_stage: int = 0, world_size: int = 1) -> None:
+    """Refuses a `captioning` task the run cannot do, before any training step.
+
+    It needs a CoCa model (its caption decoder). Under ZeRO-3 with several ranks every forward
+    gathers the partitioned weights collectively, but greedy decoding stops early per batch and
+    ranks hold different numbers of batches, so the ranks' forwards would not pair up and the
+    gathers would hang.
+    """
+    names = [spec.name for spec in specs if "captioning" in spec.tasks]
+    if not names:
+        return
+    if not hasattr(model, "text_decoder"):
+        raise ClipkitConfigError(f"eval.sets.{names[0]}.tasks has captioning, which needs a CoCa model "
+                                 f"(model=tiny_coca); drop the task for {type(model).__name__}")
+    if zero_stage == 3 and world_size > 1:
+        raise ClipkitConfigError(f"eval.sets.{names[0]}.tasks has captioning, which cannot run under ZeRO-3 on "
+                                 f"{world_size} ranks (decoding steps differ per rank); use trainer.zero_stage<=2 "
+                                 "or score the export with clipkit-eval")
 
 
 def build_search_config(eval_cfg: Any) -> SearchConfig:
@@ -256,10 +280,9 @@ class EvalSuite:
 
     def _captioning(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device) -> dict:
         model = getattr(objective, "model", objective)
-        if not hasattr(model, "text_decoder"):
-            raise ClipkitConfigError(f"eval.sets.{spec.name}.tasks has captioning, which needs a CoCa model "
-                                     f"(model=tiny_coca); drop the task for {type(model).__name__}")
-        metrics, captions = evaluate_captioning(model, self._local_batches(spec), self.tokenizer, device=device)
+        check_captioning([spec], model)
+        metrics, captions = evaluate_captioning(model, self._local_batches(spec), self.tokenizer, device=device,
+                                                beams=spec.caption_beams)
         if distributed.rank() == 0 and self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / f"{spec.name}_captions.json").write_text(json.dumps(captions, indent=1))

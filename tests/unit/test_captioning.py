@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch import nn
 
 from clipkit.config import CONF_DIR
 from clipkit.data.eval_reader import EvalBatch
+from clipkit.errors import ClipkitConfigError
 from clipkit.eval.captioning import corpus_scores, evaluate_captioning
 from clipkit.models.captioning import beam_search, generate_captions, greedy_search
 from clipkit.recipe import build_towers
@@ -92,3 +95,18 @@ def test_corpus_scores_are_perfect_for_exact_captions_and_lower_otherwise():
     assert perfect["bleu4"] > 0.99
     worse = corpus_scores(["a photo of the digit two", "a photo of the digit one", "a digit"], refs)
     assert worse["bleu4"] < perfect["bleu4"] and worse["cider"] < perfect["cider"]
+
+
+def test_captioning_task_the_run_cannot_do_is_refused_before_training():
+    from clipkit.eval.suite import EvalSetSpec, check_captioning
+
+    specs = [EvalSetSpec("digits", [], ["zeroshot_classification", "captioning"], None, None)]
+    with pytest.raises(ClipkitConfigError, match="needs a CoCa model"):
+        check_captioning(specs, nn.Linear(1, 1))
+    coca = nn.Module()
+    coca.text_decoder = nn.Identity()
+    check_captioning(specs, coca, zero_stage=3, world_size=1)
+    check_captioning(specs, coca, zero_stage=2, world_size=4)
+    with pytest.raises(ClipkitConfigError, match="cannot run under ZeRO-3 on 2 ranks"):
+        check_captioning(specs, coca, zero_stage=3, world_size=2)
+    check_captioning([EvalSetSpec("digits", [], ["retrieval"], None, None)], nn.Linear(1, 1), zero_stage=3, world_size=2)
