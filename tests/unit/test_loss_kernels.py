@@ -133,6 +133,29 @@ def test_fused_siglip_one_process_matches_reference(b, scale, bias, chunk):
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("b,d,scale", [(13, 33, 14.3), (5, 7, 100.0)])
+def test_fused_clip_triton_matches_reference_in_float64(b, d, scale, chunk, monkeypatch):
+    """The shipped `impl="triton"` path (kernels under TRITON_INTERPRET=1), every gradient."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    img, txt = features(b, d, seed=5)
+    s = torch.tensor([scale], dtype=F64)
+    got = value_and_grads(lambda i, t, s: fused_clip_loss(i, t, s, impl="triton", chunk=chunk_of(chunk, b)),
+                          (img, txt, s))
+    assert_same(got, value_and_grads(clip_loss, (img, txt, s)))
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("b,scale,bias", [(13, 10.0, -10.0), (6, 100.0, -10.0)])
+def test_fused_siglip_triton_matches_reference_in_float64(b, scale, bias, chunk, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    img, txt = features(b, 21, seed=6)
+    s, bb = torch.tensor([scale], dtype=F64), torch.tensor(bias, dtype=F64)
+    got = value_and_grads(lambda *x: fused_siglip_loss(*x, impl="triton", chunk=chunk_of(chunk, b)),
+                          (img, txt, s, bb))
+    assert_same(got, value_and_grads(siglip_loss, (img, txt, s, bb)))
+
+
 def test_rank_blocks_merge_to_the_global_loss_and_grads():
     """The merge `clipkit.losses.fused` does across ranks, done by hand over 3 blocks:
     max-then-rescaled-sum column statistics, per-block grads, dk summed over blocks."""
@@ -159,13 +182,17 @@ def test_identical_features_give_ln_b():
     assert math.isclose(float(loss), math.log(b), rel_tol=1e-12)
 
 
-@pytest.mark.parametrize("b,d", [(7, 33), (64, 64)])
-def test_fused_matches_open_clip(b, d):
+@pytest.mark.parametrize("b,d,scale", [(7, 33, 20.0), (64, 64, 100.0)])
+def test_fused_matches_open_clip(b, d, scale):
+    """Values and every gradient (features, scale, bias) against open_clip's own losses, float64."""
     img, txt = features(b, d, seed=5)
-    s, bb = torch.tensor(20.0, dtype=F64), torch.tensor(-10.0, dtype=F64)
-    torch.testing.assert_close(fused_clip_loss(img, txt, s, chunk=5), OpenClipLoss()(img, txt, s), rtol=1e-6, atol=0)
-    torch.testing.assert_close(fused_siglip_loss(img, txt, s, bb, chunk=5), OpenSigLipLoss()(img, txt, s, bb),
-                               rtol=1e-6, atol=0)
+    s, bb = torch.tensor(scale, dtype=F64), torch.tensor(-10.0, dtype=F64)
+    got = value_and_grads(lambda i, t, s: fused_clip_loss(i, t, s, chunk=5), (img, txt, s))
+    want = value_and_grads(lambda i, t, s: OpenClipLoss()(i, t, s), (img, txt, s))
+    assert_same(got, want, rtol=1e-6, atol=1e-12)
+    got = value_and_grads(lambda *x: fused_siglip_loss(*x, chunk=5), (img, txt, s, bb))
+    want = value_and_grads(lambda *x: OpenSigLipLoss()(*x), (img, txt, s, bb))
+    assert_same(got, want, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

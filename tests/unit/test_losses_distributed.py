@@ -9,11 +9,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clipkit.losses import ClipLoss, DistillLoss, FilipLoss, SigLipLoss
+from clipkit.losses import ClipLoss, CocaLoss, DistillLoss, FilipLoss, SigLipLoss
 from conftest import free_port
 
 GLOBAL_B, DIM = 12, 10
-LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss, "filip": FilipLoss, "distill": DistillLoss}
+LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss, "filip": FilipLoss, "distill": DistillLoss, "coca": CocaLoss}
 
 
 def make_batch(loss_name: str) -> tuple[list[torch.Tensor], list[bool]]:
@@ -30,6 +30,12 @@ def make_batch(loss_name: str) -> tuple[list[torch.Tensor], list[bool]]:
         t_img = F.normalize(torch.randn(GLOBAL_B, 6, generator=g), dim=-1)
         t_txt = F.normalize(t_img + torch.randn(GLOBAL_B, 6, generator=g), dim=-1)
         return [img, txt, t_img, t_txt, torch.tensor([30.0])], [True, True, False, False, False]
+    if loss_name == "coca":
+        # No pad labels: every rank then holds the same number of caption tokens, so the mean of
+        # the per-rank caption means (what data parallelism averages) is the global token mean.
+        logits = torch.randn(GLOBAL_B, 5, 11, generator=g)
+        labels = torch.randint(1, 11, (GLOBAL_B, 5), generator=g)
+        return [img, txt, logits, labels], [True, True, True, False]
     return [img, txt], [True, True]
 
 
@@ -75,7 +81,7 @@ def worker(rank, world, port, out_dir):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_split_matches_single_process(world, tmp_path):
-    """For CLIP, SigLIP, FILIP and distillation, `naive` and `chunked` (and `triton` for CLIP
+    """For CLIP, SigLIP, FILIP, distillation and CoCa, `naive` and `chunked` (and `triton` for CLIP
     and SigLIP, and SigLIP's ring exchange): the reference is the 1-process naive
     (materialized) loss; `chunked` runs the fused scheme (gather without grad, all-reduced
     column stats, reduce-scattered gradients), `+ring` passes text blocks round the ranks."""

@@ -69,6 +69,25 @@ def test_filip_ignores_padded_tokens(impl):
 
 
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_filip_ignores_padded_image_tokens_too(impl):
+    """Both sides padded (e.g. TailDrop or variable-resolution patches): changed values at masked
+    image and text positions change nothing, and masked positions get zero gradient."""
+    img, txt = tokens(6, 5, 8, 0), tokens(6, 7, 8, 1)
+    img_mask, txt_mask = text_mask(6, 5, 3), text_mask(6, 7, 2)
+    loss = FilipLoss(impl=impl, block_elems=50).double()
+    noisy_img = torch.where(img_mask[:, :, None], img, tokens(6, 5, 8, 8) * 3.0)
+    noisy_txt = torch.where(txt_mask[:, :, None], txt, tokens(6, 7, 8, 9) * 3.0)
+    (v1, (gi1, gt1)), (v2, (gi2, gt2)) = (
+        grads(lambda i, t: loss(i, img_mask, t, txt_mask)[0], pair) for pair in ((img, txt), (noisy_img, noisy_txt)))
+    torch.testing.assert_close(v1, v2, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gi1[img_mask], gi2[img_mask], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gt1[txt_mask], gt2[txt_mask], rtol=1e-12, atol=1e-14)
+    assert float(gi1[~img_mask].abs().max()) == 0.0 and float(gt1[~txt_mask].abs().max()) == 0.0
+    unmasked = grads(lambda i, t: loss(i, None, t, txt_mask)[0], (img, txt))[0]
+    assert abs(float(unmasked - v1)) > 1e-6  # the image mask does take part
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
 def test_filip_with_one_token_per_side_is_clip(impl):
     img, txt = tokens(9, 1, 16, 0), tokens(9, 1, 16, 1)
     loss = FilipLoss(impl=impl).double()
