@@ -1,9 +1,8 @@
 """Contrastive-loss fwd+bwd time and peak memory: clipkit chunked vs open_clip vs clipkit naive,
 for CLIP, SigLIP and CLIP + distillation (`--kinds clip siglip distill`).
 
-    python benchmarks/loss_bench.py                        # B in 4096 8192 16384, D=512, fp32
+    python benchmarks/loss_bench.py                        # B in 4096 8192 16384 32768, D=512, fp32
     python benchmarks/loss_bench.py --batch 4096 8192 --reps 3 --out /tmp/bench.json
-    python benchmarks/loss_bench.py --with-32k             # adds B=32768
 
 Every (loss, implementation, B) runs in its own subprocess so that its peak resident
 memory is the loss's own: the kernel's peak-RSS mark is reset once the inputs exist
@@ -11,6 +10,12 @@ memory is the loss's own: the kernel's peak-RSS mark is reset once the inputs ex
 Children run with MALLOC_MMAP_THRESHOLD_=1 MiB so freed blocks go back to the OS. Prints a table
 with ratios to open_clip and writes JSON to `--out`. CPU; the GPU benchmark (Triton,
 Inf-CL, torch.compile) is `benchmarks/loss_bench_gpu.py`. The device is printed.
+
+The 4U floor: an exact fused CLIP step needs 4 B×B×D matmuls (2·B²·D FLOP each; SigLIP 3),
+so `floor_s` = 4·2·B²·D / R, with R this machine's fp32 GEMM rate as torch measures it
+(the best of a few large `torch.mm` shapes, in a child process like the rows). `vs_floor`
+= median_s / floor_s: how far each implementation is from doing nothing but those matmuls.
+A CPU has no datasheet peak that torch reaches, so the measured rate stands in for it.
 """
 
 from __future__ import annotations
@@ -79,6 +84,24 @@ def _loss_fn(kind: str, impl: str, chunk: int):
     return lambda i, t, s, b, *_: fused_siglip_loss(i, t, s, b, impl=impl, chunk=chunk)
 
 
+MATMULS = {"clip": 4, "siglip": 3}  # B×B×D products of an exact fused step (no floor is claimed for distill)
+
+
+def gemm_rate(dim: int) -> float:
+    """Best fp32 FLOP/s of torch.mm over shapes like the loss's blocks ([m, D] @ [D, n] and [m, n] @ [n, D])."""
+    import torch
+
+    best = 0.0
+    for m, k, n in ((4096, dim, 8192), (4096, 8192, dim), (8192, dim, 8192)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b  # warm-up
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        best = max(best, 3 * 2 * m * k * n / (time.perf_counter() - start))
+    return best
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -124,6 +147,7 @@ def measure(kind: str, impl: str, batch: int, dim: int, chunk: int, reps: int) -
 
 
 def run_child(kind: str, impl: str, batch: int, dim: int, chunk: int, reps: int, threads: int) -> dict:
+    """One row (or, for kind "gemm", {"flops": rate}) measured in a fresh process."""
     cmd = [sys.executable, __file__, "--child", kind, impl, str(batch), str(dim), str(chunk), str(reps),
            "--threads", str(threads)]
     # A fixed mmap threshold keeps glibc from parking freed large blocks in a fragmented
@@ -145,18 +169,18 @@ def device_name() -> str:
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'loss':7} {'B':>6} {'impl':10} {'chunk':>6} {'fwd+bwd s':>10} {'peak MB':>9} "
-          f"{'time/oc':>8} {'mem/oc':>8}")
+          f"{'time/oc':>8} {'mem/oc':>8} {'vs floor':>9}")
     for r in rows:
         print(f"{r['kind']:7} {r['batch']:>6} {r['impl']:10} {str(r['chunk'] or '-'):>6} {r['median_s']:>10.3f} "
-              f"{r['peak_mb']:>9.1f} {r['time_vs_open_clip']:>8.3f} {r['mem_vs_open_clip']:>8.3f}")
+              f"{r['peak_mb']:>9.1f} {r['time_vs_open_clip']:>8.3f} {r['mem_vs_open_clip']:>8.3f} "
+              f"{r['vs_floor']:>8.2f}x")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, nargs="+", default=[4096, 8192, 16384])
-    p.add_argument("--with-32k", action="store_true", help="also run B=32768")
+    p.add_argument("--batch", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--chunk", type=int, nargs="+", default=[1024], help="chunk sizes for the chunked path")
+    p.add_argument("--chunk", type=int, nargs="+", default=[512], help="chunk sizes for the chunked path")
     p.add_argument("--kinds", nargs="+", default=["clip", "siglip"], choices=sorted(IMPLS))
     p.add_argument("--impls", nargs="+", default=None, help="subset of open_clip naive chunked")
     p.add_argument("--reps", type=int, default=3, help="timed runs after one warm-up (median reported)")
@@ -170,11 +194,13 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         kind, impl, *nums = args.child
-        print(json.dumps(measure(kind, impl, *map(int, nums))))
+        print(json.dumps({"flops": gemm_rate(args.dim)} if kind == "gemm" else measure(kind, impl, *map(int, nums))))
         return
 
-    batches = sorted(set(args.batch + ([32768] if args.with_32k else [])))
-    print(f"device: {device_name()}; D={args.dim}, fp32, median of {args.reps} after 1 warm-up", flush=True)
+    batches = sorted(set(args.batch))
+    rate = run_child("gemm", "-", 0, args.dim, 0, 0, args.threads)["flops"]
+    print(f"device: {device_name()}; D={args.dim}, fp32, median of {args.reps} after 1 warm-up; "
+          f"measured fp32 GEMM rate {rate / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for kind in args.kinds:
         for batch in batches:
@@ -186,15 +212,17 @@ def main() -> None:
                           f"{r['peak_mb']:.1f} MB", flush=True)
                     group.append(r)
             ref = next((r for r in group if r["impl"] == "open_clip"), None)
+            floor_s = MATMULS[kind] * 2 * batch ** 2 * args.dim / rate if kind in MATMULS else float("nan")
             for r in group:
                 r["time_vs_open_clip"] = r["median_s"] / ref["median_s"] if ref else float("nan")
                 r["mem_vs_open_clip"] = r["peak_mb"] / ref["peak_mb"] if ref else float("nan")
+                r["floor_s"], r["vs_floor"] = floor_s, r["median_s"] / floor_s
             rows += group
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device_name(), "dim": args.dim, "dtype": "float32", "reps": args.reps,
-                               "rows": rows}, indent=2))
+                               "gemm_flops": rate, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 
