@@ -32,6 +32,7 @@ from clipkit.loggers import build_loggers
 from clipkit.models import ModelBundle, build_model, build_teacher_model, lock_towers, open_clip_config
 from clipkit.objective import OUTPUTS, ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
+from clipkit.preemption import Preempted, PreemptionWatch, parse_signals, requeue_slurm_job
 from clipkit.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,10 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         # entries, and a run never re-embeds the same weights, so there is nothing to reuse.
         raise ClipkitConfigError("eval.cache_dir is for clipkit-eval; training evals embed new weights "
                                  "at every step, so unset it for clipkit-train")
+    try:
+        preempt_signals = parse_signals(cfg.launcher.get("preempt_signals") or [])
+    except ValueError as err:
+        raise ClipkitConfigError(str(err)) from None
     run_dir = Path(cfg.paths.run_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=cfg.trainer.keep_last_checkpoints)
     resume_tag = checkpointer.resolve_resume(cfg.trainer.resume)
@@ -212,11 +217,23 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         checkpoint_every_n_steps=cfg.trainer.checkpoint_every_n_steps,
         eval_every_n_steps=cfg.eval.every_n_steps, progress_bar=cfg.trainer.progress_bar)
+    watch = PreemptionWatch(preempt_signals) if preempt_signals else None
     trainer = Trainer(engine, loader, settings, checkpointer=checkpointer, loggers=loggers,
                       evaluate=evaluate if eval_specs else None,
                       client_state=lambda step: {"step": step, "data": loader.gather_state()},
-                      data_stats=loader.stats)
-    trainer.fit(start_step)
+                      data_stats=loader.stats, preemption=watch)
+    try:
+        trainer.fit(start_step)
+    finally:
+        if watch is not None:
+            watch.close()
+    if trainer.preempted_at is not None:
+        # The checkpoint is complete on every rank (its `latest` marker flipped), so the job can go.
+        requeued = bool(info.is_main and cfg.launcher.get("requeue") and requeue_slurm_job())
+        distributed.barrier()  # no rank exits (srun --kill-on-bad-exit would end the step) before the requeue
+        loggers.log({"step": trainer.preempted_at, "preempted": 1.0})
+        loggers.close()
+        raise Preempted(trainer.preempted_at, requeued)
     final = evaluate(settings.max_steps) if eval_specs else {}
     if final:
         loggers.log({"step": settings.max_steps, **final})

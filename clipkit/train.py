@@ -26,12 +26,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    from clipkit.preemption import PREEMPTED_EXIT_CODE, Preempted
     from clipkit.trainer import NonFiniteLossError
 
     try:
         train(cfg)
     except (ClipkitConfigError, NonFiniteLossError) as err:
         sys.exit(f"clipkit-train: error: {err}")
+    except Preempted as stop:
+        print(f"clipkit-train: {stop}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The step loop: batch -> engine forward/backward/step -> log, checkpoint, eval on cadence."""
+"""The step loop: batch -> engine forward/backward/step -> log, checkpoint, eval on cadence,
+and a checkpoint-then-stop when a preemption signal arrives (`clipkit.preemption`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from clipkit import distributed
 from clipkit.checkpoint import Checkpointer
 from clipkit.loggers import MetricLoggers
+from clipkit.preemption import PreemptionWatch
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -33,9 +35,11 @@ class Trainer:
     def __init__(self, engine, batches: Iterable, settings: TrainerSettings, *, checkpointer: Checkpointer,
                  loggers: MetricLoggers, evaluate: Callable[[int], dict[str, float]] | None,
                  client_state: Callable[[int], dict[str, Any]],
-                 data_stats: Callable[[], dict[str, float]] | None = None):
+                 data_stats: Callable[[], dict[str, float]] | None = None,
+                 preemption: PreemptionWatch | None = None):
         """`client_state(step)` and `data_stats()` are called on every rank at the same step
-        (both may be collectives): the first goes into each checkpoint, the second into each log record."""
+        (both may be collectives): the first goes into each checkpoint, the second into each log record.
+        After `fit`, `preempted_at` is the step a preemption signal stopped the run at (None: it ran out)."""
         self.engine = engine
         self.batches = batches
         self.s = settings
@@ -44,6 +48,9 @@ class Trainer:
         self.evaluate = evaluate
         self.client_state = client_state
         self.data_stats = data_stats
+        self.preemption = preemption
+        self.stop_requested = False
+        self.preempted_at: int | None = None
 
     def _progress(self, start_step: int):
         if not (self.s.progress_bar and distributed.rank() == 0):
@@ -58,8 +65,13 @@ class Trainer:
         if on_step is not None:  # per-step model behaviour (TailDrop's k, FLIP's unmasked tuning)
             on_step(step)
         loss, metrics = self.engine(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
-        # The rank share is scaled by world size, so the mean over ranks is the global loss.
-        global_loss = float(distributed.all_reduce_mean(loss.float()))
+        # One all-reduce carries the loss and the preemption flag: every rank learns of a signal
+        # that reached any of them at this same step. The rank share is scaled by world size, so
+        # the mean over ranks is the global loss.
+        flag = self.preemption.flag if self.preemption is not None else 0.0
+        summed = distributed.all_reduce(torch.stack([loss.detach().float().reshape(()), loss.new_tensor(flag).float()]))
+        global_loss = float(summed[0]) / distributed.world_size()
+        self.stop_requested = float(summed[1]) > 0
         if not torch.isfinite(torch.tensor(global_loss)):
             raise NonFiniteLossError(
                 f"loss is {global_loss} at step {step}; the last checkpoint is intact. Lower optim.lr "
@@ -90,8 +102,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['train/loss']:.4f}",
                                     samples_s=f"{record['train/samples_per_s']:.0f}")
             last = step == self.s.max_steps
-            if last or (self.s.checkpoint_every_n_steps and step % self.s.checkpoint_every_n_steps == 0):
+            preempted = self.stop_requested and not last
+            if last or preempted or (self.s.checkpoint_every_n_steps and step % self.s.checkpoint_every_n_steps == 0):
                 self.checkpointer.save(self.engine, step, self.client_state(step))
+            if preempted:
+                self.preempted_at = step
+                break
             # The final eval belongs to the caller, which also runs it for an already-finished run.
             if (self.evaluate is not None and not last and self.s.eval_every_n_steps
                     and step % self.s.eval_every_n_steps == 0):

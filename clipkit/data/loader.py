@@ -34,6 +34,7 @@ from clipkit.data.stream import MODES, ShardStream, StreamPosition, StreamSettin
 from clipkit.data.tar_reader import SKIP_REASONS
 from clipkit.data.urls import Source, expand_sources
 from clipkit.errors import ClipkitConfigError
+from clipkit.preemption import ignore_preemption_signals
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -188,7 +189,8 @@ class TrainLoader:
                               rank=self.rank, world_size=self.world_size, seed=self.seed, start_batch=self.batches,
                               positions=[StreamPosition(*p) for p in self.positions])
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=ignore_preemption_signals if self.num_workers else None)
         try:
             for images, tokens, meta in loader:
                 self._consume(meta)

@@ -1,0 +1,97 @@
+"""launch/slurm/train.sbatch on a real SLURM cluster (two emulated nodes on this machine):
+a 2-node job trains with ranks from SLURM's env, and a job preempted with SIGUSR1 checkpoints,
+requeues itself and finishes from where it stopped with the data it would have seen."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from slurm_cluster import SlurmCluster, missing_requirements
+from test_data_resume import key_log
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+RUN = ["debug=fast", "eval=none", "trainer.export_open_clip=false", "data.global_batch_size=16",
+       "data.record_keys=true", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    why = missing_requirements()
+    if why:
+        pytest.skip(f"no SLURM cluster: {why}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def job_env(cluster: SlurmCluster, root: Path) -> dict[str, str]:
+    # sbatch exports the submitting environment: this venv's python, the test's CLIPKIT_ROOT.
+    return {**cluster.env, "CLIPKIT_ROOT": str(root), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def sbatch(cluster: SlurmCluster, root: Path, log: Path, *overrides: str) -> str:
+    """Submits train.sbatch on 2 nodes x 1 task; returns the job id."""
+    cmd = ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--time=20", f"--output={log}", str(SBATCH), *RUN,
+           *overrides]
+    submitted = subprocess.run(cmd, cwd=root, env=job_env(cluster, root), capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.split()[-1]
+
+
+def completed(state: dict[str, str]) -> bool:
+    return state.get("JobState") == "COMPLETED"
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_two_node_job_trains_with_ranks_from_slurm(slurm, digits_root, tmp_path):
+    log = tmp_path / "job.out"
+    job = sbatch(slurm, digits_root, log, "run_name=slurm_two_nodes")
+    state = slurm.wait_for(job, completed, 300, "completion")
+    assert state["ExitCode"] == "0:0", log.read_text()[-6000:]
+    run_dir = digits_root / "outputs" / "slurm_two_nodes"
+    keys = key_log(run_dir)  # one key log per rank: SLURM_PROCID 0 and 1
+    assert [s for s, _ in keys[0]] == [s for s, _ in keys[1]] == list(range(1, 7))
+    assert not set(k for _, ks in keys[0] for k in ks) & set(k for _, ks in keys[1] for k in ks)  # split by rank
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes(slurm, digits_root, tmp_path):
+    steps, run_dir, log = 12, digits_root / "outputs" / "slurm_preempted", tmp_path / "job.out"
+    job = sbatch(slurm, digits_root, log, "run_name=slurm_preempted", f"trainer.max_steps={steps}", "data.workers=2")
+    deadline = time.monotonic() + 300
+    while len([r for r in metrics(run_dir) if "train/loss" in r]) < 3:
+        assert slurm.job_state(job).get("JobState") in ("PENDING", "RUNNING"), log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "no training steps within the timeout"
+        time.sleep(0.1)
+    # What SLURM sends --signal=USR1@120 before the time limit: every task of the job's steps
+    # (data workers included), not the batch shell.
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, env=slurm.env)
+    requeued = slurm.wait_for(job, lambda s: s.get("Restarts") == "1", 120, "requeue")
+    # SLURM holds a requeued batch job for about two minutes before it may start again; an
+    # admin's StartTime=now skips only that wait.
+    if requeued.get("JobState") == "PENDING":
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, capture_output=True)
+    state = slurm.wait_for(job, completed, 300, "completion after the requeue")
+    assert state["ExitCode"] == "0:0" and state["Restarts"] == "1", log.read_text()[-6000:]
+    records = metrics(run_dir)
+    stopped = [r["step"] for r in records if r.get("preempted")]
+    assert len(stopped) == 1 and 3 <= stopped[0] < steps
+    assert [r["step"] for r in records if "train/loss" in r][-1] == steps
+    keys = key_log(run_dir)  # the requeued run continued each rank's stream after the checkpoint
+    assert [s for s, _ in keys[0]] == [s for s, _ in keys[1]] == list(range(1, steps + 1))
+    output = log.read_text()
+    assert f"stopped by a preemption signal after step {stopped[0]}" in output and "requeued" in output
