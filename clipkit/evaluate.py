@@ -84,7 +84,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # One folder of CLIP_benchmark JSONs per scored model, so evals of several models (or of one
     # architecture with several weight files) into one out_dir never overwrite each other.
     suite = EvalSuite(specs, preprocess=preprocess, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
-                      out_dir=Path(cfg.out_dir) / result_folder(label), model_name=label, pretrained=str(pretrained or label),
+                      out_dir=Path(cfg.out_dir) / result_folder(label), model_name=label,
+                      pretrained=str(pretrained or label),
                       search=search, cache_dir=cfg.eval.get("cache_dir"))
     metrics = suite.run(ContrastiveObjective(model, loss=run_scoring_loss(cfg.run_dir)), device=device,
                         tag=checkpoint_tag(cfg.run_dir, pretrained))

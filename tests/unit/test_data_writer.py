@@ -223,8 +223,9 @@ def test_cli_writes_an_eval_set_in_clip_benchmark_layout(tmp_path, http_root, ca
 
 def test_clip_benchmark_reads_the_written_eval_splits(digits_dir, tmp_path):
     """CLIP_benchmark 1.6.2's own loader (`build_wds_dataset`) on a classification and a retrieval split."""
-    builder = pytest.importorskip("clip_benchmark.datasets.builder",
-                                  reason="clip-benchmark is installed by `make setup` (pip install --no-deps clip-benchmark==1.6.2)")
+    builder = pytest.importorskip(
+        "clip_benchmark.datasets.builder",
+        reason="clip-benchmark is installed by `make setup` (pip install --no-deps clip-benchmark==1.6.2)")
     from clipkit.shards import main
 
     out, stats = digits_dir
@@ -237,7 +238,8 @@ def test_clip_benchmark_reads_the_written_eval_splits(digits_dir, tmp_path):
     (tmp_path / "img").mkdir()
     for i in range(3):
         _image(tmp_path / "img" / f"{i}.png", size=(8 + i, 8))
-    (tmp_path / "pairs.csv").write_text("path,caption\n" + "".join(f'img/{i}.png,"box {i}\nsquare {i}"\n' for i in range(3)))
+    rows = "".join(f'img/{i}.png,"box {i}\nsquare {i}"\n' for i in range(3))  # two captions per image
+    (tmp_path / "pairs.csv").write_text("path,caption\n" + rows)
     main(["csv", str(tmp_path / "pairs.csv"), str(tmp_path / "coco"), "--split", "test", "--shard-size", "2"])
     assert (tmp_path / "coco" / "dataset_type.txt").read_text().strip() == "retrieval"
     captions = builder.build_wds_dataset("wds/coco", transform=lambda im: im.size, split="test",
