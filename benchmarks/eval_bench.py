@@ -127,7 +127,11 @@ def worker(args: argparse.Namespace) -> dict:
         out[f"recall@{args.k}"] = float(np.mean(ranks <= args.k))
         out["mean_rank"], out["median_rank"] = float(np.mean(ranks)), float(np.median(ranks))
         if exact_path.exists():
+            # A rank above its top-k position means a wrong item within TIE_ATOL (1e-6) of the
+            # correct one: the tie rule counts it ahead. Below would be a miscount.
             out["ranks_equal_exact_topk_positions"] = float(np.mean(ranks == expected))
+            out["ranks_above_position"] = int(np.sum(ranks > expected))
+            out["ranks_below_position"] = int(np.sum(ranks < expected))
         ids = None
     elif args.worker == "full_matrix":
         _, ids = full_matrix_topk(queries, gallery, args.k)
