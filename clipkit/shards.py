@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 
 from clipkit.data.digits import write_digits_shards
-from clipkit.data.writer import (SHARD_NAMING, read_eval_metadata, rows_from_folder, rows_from_table,
-                                 write_eval_metadata, write_rows)
+from clipkit.data.writer import (SHARD_NAMING, naming_for_split, read_eval_metadata, rows_from_folder,
+                                 rows_from_table, write_eval_metadata, write_rows)
 from clipkit.errors import ClipkitConfigError
 
 
@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> str:
                                label_column=args.label_col, extra_columns=extra)
     split_dir = f"{args.out}/{args.split}"
     metadata = read_eval_metadata(args.classnames, args.templates)  # checked before any shard is written
-    naming = args.naming or ("img2dataset" if args.split == "train" else "clip_benchmark")
+    naming = args.naming or naming_for_split(args.split)
     stats = write_rows(rows, split_dir, shard_size=args.shard_size, processes=args.processes,
                        max_side=args.max_side, timeout=args.timeout, overwrite=args.overwrite, naming=naming)
     unlabelled_eval = args.split != "train" and all(row.label is None for row in rows)

@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from clipkit.data.eval_reader import CLASSNAMES_FILE, TEMPLATES_FILE
-from clipkit.data.writer import write_shards
+from clipkit.data.writer import naming_for_split, write_shards
 from clipkit.errors import ClipkitConfigError
 
 DIGIT_CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -75,7 +75,7 @@ def write_digits_shards(out_dir: str | Path, *, image_size: int = 32, test_fract
                                  ("test", test_idx, min(shard_size, math.ceil(len(test_idx) / 2)))):
         samples = _samples([int(i) for i in indices], digits.images, digits.target, image_size, rng)
         stats[split] = write_shards(samples, out / split, shard_size=size, overwrite=overwrite,
-                                    naming="img2dataset" if split == "train" else "clip_benchmark")
+                                    naming=naming_for_split(split))
     (out / CLASSNAMES_FILE).write_text("\n".join(DIGIT_CLASSNAMES) + "\n")
     (out / TEMPLATES_FILE).write_text("\n".join(DIGIT_TEMPLATES) + "\n")
     return stats

@@ -158,6 +158,11 @@ def shard_name(index: int, naming: str) -> str:
     return f"{index:05d}.tar" if naming == "img2dataset" else f"{index}.tar"
 
 
+def naming_for_split(split: str) -> str:
+    """The default shard naming: img2dataset's for the train split, CLIP_benchmark's for eval splits."""
+    return "img2dataset" if split == "train" else "clip_benchmark"
+
+
 def _write_tar(samples: Iterable[dict[str, Any]], path: Path) -> int:
     """Writes `path` via its hidden temp name, so no half-written tar ever has a final name. Returns the count."""
     tmp, count = _tmp_name(path), 0
@@ -212,7 +217,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *, shar
     """
     if shard_size < 1:
         raise ClipkitConfigError(f"shard_size must be >= 1, got {shard_size}")
-    shard_name(0, naming)
+    shard_name(0, naming)  # an unknown naming is refused before anything is written
     out = Path(out_dir)
     for old in _prepare(out, overwrite):
         old.unlink()
@@ -263,7 +268,7 @@ def write_rows(rows: Sequence[Row], out_dir: str | Path, *, shard_size: int = 10
     `naming` picks the shard file names (`shard_name`)."""
     if shard_size < 1 or processes < 1:
         raise ClipkitConfigError(f"shard_size and processes must be >= 1, got {shard_size} and {processes}")
-    shard_name(0, naming)
+    shard_name(0, naming)  # an unknown naming is refused before anything is written
     if max_side is not None and max_side < 1:
         raise ClipkitConfigError(f"max_side must be >= 1, got {max_side}")
     out = Path(out_dir)
