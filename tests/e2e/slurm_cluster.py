@@ -24,8 +24,7 @@ def missing_requirements() -> str | None:
     """Why a cluster cannot run here, or None."""
     if os.geteuid() != 0:
         return "the SLURM daemons need root"
-    absent = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(b) is None
-              and not Path("/usr/sbin", b).exists()]
+    absent = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if not Path(_sbin(b)).exists()]
     return f"slurm-wlm/munge not installed (missing {', '.join(absent)}); `make test` installs them with apt-get" \
         if absent else None
 
