@@ -191,14 +191,36 @@ class TrainLoader:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available(),
                             worker_init_fn=ignore_preemption_signals if self.num_workers else None)
+        batches = iter(loader)
         try:
-            for images, tokens, meta in loader:
+            for images, tokens, meta in batches:
                 self._consume(meta)
                 yield images, tokens
         except ClipkitConfigError as err:
             # A worker's error arrives wrapped in its traceback; keep the one-line message.
             message = str(err).strip().splitlines()[-1]
             raise ClipkitConfigError(message.split("ClipkitConfigError: ", 1)[-1]) from None
+        finally:
+            _stop_workers(batches)
+
+
+def _stop_workers(batches: Iterator) -> None:
+    """Stops a DataLoader iterator's worker processes now, whatever ended the iteration.
+
+    The workers ignore SIGTERM (`ignore_preemption_signals`), so neither DataLoader's
+    terminate() fallback nor multiprocessing's at-exit terminate can stop one; left to the
+    garbage collector (an error's traceback keeps the iterator alive), a live worker made
+    the interpreter's exit wait on it forever. The orderly shutdown sends each worker its
+    stop sentinel; a worker still alive after that is killed.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:  # num_workers=0: nothing to stop
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def rank_state(resume: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:

@@ -8,8 +8,9 @@ triton_contrastive` implements the same three functions with the same contract o
 Selected by `loss.impl=chunked` (or `auto` where Triton is unavailable).
 
 Cost, in b×B×D matmuls, and memory: never more than a few (chunk × B) float32 blocks.
-  * `infonce_block_stats`: 1 (the logits, once). Row log-sum-exp is final inside a chunk
-    (each chunk holds whole rows); column statistics are an online max/sum down the rows.
+  * `infonce_block_stats`: 1 (the logits, once) and one exp per logit. Row log-sum-exp is
+    final inside a chunk (each chunk holds whole rows); column sums come from the same
+    exponentials as a matrix-vector product, merged online down the chunks.
   * `infonce_block_grads`: 3 (recompute the logits, G·k, Gᵀ·q). With the stats pass that
     is the 4-matmul exact symmetric InfoNCE; open_clip's ClipLoss does 6 (it builds both
     I·Tᵀ and T·Iᵀ) and Inf-CL about 10.
@@ -47,6 +48,14 @@ def _positive_columns(logits: torch.Tensor, first_row: int) -> torch.Tensor:
     return logits.diagonal(first_row)
 
 
+# A chunk's column sums are taken against one shared reference, the chunk's largest logit
+# M: Σ_i exp(l_ij − M) = Σ_i a_i·exp(l_ij − m_i) with a_i = exp(m_i − M), m_i the row max, so
+# one exp per logit serves both directions and the column sums are a matrix-vector product.
+# A column whose sum falls below this floor (its max more than ~50 below M) would lose
+# precision to underflow; those columns are recomputed exactly against their own max.
+_SHARED_REFERENCE_FLOOR = 1.9e-22  # e^-50; float32 underflows at e^-87, so terms lost are < e^-28 relative
+
+
 @torch.no_grad()
 def infonce_block_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row_offset: int,
                         chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,30 +64,46 @@ def infonce_block_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, r
     Args:
         q: [b, D] this block's rows. k: [B, D] every column. scale: 0-dim or [1], s.
         row_offset: row i's positive is column i + row_offset.
-        chunk: rows per chunk; extra memory is about 2 × chunk × B floats.
+        chunk: rows per chunk; extra memory is about chunk × B floats.
     Returns:
-        row_lse [b] (logsumexp_j l_ij), col_max [B] (max_i l_ij), col_sumexp [B]
-        (Σ_i exp(l_ij − col_max_j)), positive_sum 0-dim (Σ_i l_{i, i+row_offset}).
+        row_lse [b] (logsumexp_j l_ij); col_ref [B] and col_sumexp [B] with
+        logsumexp_i l_ij = col_ref_j + log(col_sumexp_j), where col_ref_j ≥ max_i l_ij is a
+        reference close enough that col_sumexp_j ≥ e^-50 (the column max itself for the
+        Triton kernels); positive_sum 0-dim (Σ_i l_{i, i+row_offset}). Blocks merge as
+        max-references do: ref = max(ref_a, ref_b), sum = Σ sum_x·exp(ref_x − ref).
     """
     cdt = compute_dtype(q)
     s = _scalar(scale, cdt)
     kc = k.to(cdt)
     b, big_b = q.shape[0], k.shape[0]
     row_lse = torch.empty(b, dtype=cdt, device=q.device)
-    col_max = torch.full((big_b,), float("-inf"), dtype=cdt, device=q.device)
+    col_ref = torch.full((big_b,), float("-inf"), dtype=cdt, device=q.device)
     col_sum = torch.zeros(big_b, dtype=cdt, device=q.device)
     positives = torch.zeros((), dtype=cdt, device=q.device)
     for lo, hi in _chunks(b, chunk):
         # Scaling the [c, D] rows rather than the [c, B] logits saves a pass over the block;
         # fp32 accumulation even for bf16 inputs.
-        logits = (q[lo:hi].to(cdt) * s) @ kc.T
-        row_lse[lo:hi] = torch.logsumexp(logits, dim=1)
+        qs = q[lo:hi].to(cdt) * s
+        logits = qs @ kc.T
         positives += _positive_columns(logits, lo + row_offset).sum()
-        # Online softmax down the columns: rescale the running sum to the new max.
-        new_max = torch.maximum(col_max, logits.amax(dim=0))
-        col_sum.mul_(torch.exp(col_max - new_max)).add_(logits.sub_(new_max).exp_().sum(dim=0))
-        col_max = new_max
-    return row_lse, col_max, col_sum, positives
+        row_max = logits.amax(dim=1)
+        shifted_exp = logits.sub_(row_max[:, None]).exp_()  # in place: the block's only exp pass
+        row_lse[lo:hi] = row_max + shifted_exp.sum(dim=1).log()
+        chunk_max = row_max.max()
+        chunk_sum = torch.exp(row_max - chunk_max) @ shifted_exp
+        del logits, shifted_exp
+        chunk_ref = chunk_max.expand(big_b).clone()
+        # One host sync per chunk; almost always nothing to redo.
+        underflowed = (chunk_sum < _SHARED_REFERENCE_FLOOR).nonzero().squeeze(1)
+        if underflowed.numel():
+            exact = qs @ kc[underflowed].T  # [c, n]: exact logits of those columns only
+            exact_max = exact.amax(dim=0)
+            chunk_ref[underflowed] = exact_max
+            chunk_sum[underflowed] = exact.sub_(exact_max).exp_().sum(dim=0)
+        new_ref = torch.maximum(col_ref, chunk_ref)
+        col_sum = col_sum * torch.exp(col_ref - new_ref) + chunk_sum * torch.exp(chunk_ref - new_ref)
+        col_ref = new_ref
+    return row_lse, col_ref, col_sum, positives
 
 
 @torch.no_grad()

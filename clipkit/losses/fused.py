@@ -78,12 +78,12 @@ class _FusedInfoNCE(torch.autograd.Function):
         b, big_b = image.shape[0], text_all.shape[0]
         world, offset = _block_layout(b, big_b)
         with torch.autocast(image.device.type, enabled=False):
-            row_lse, col_max, col_sum, positives = kernels.infonce_block_stats(
+            row_lse, col_ref, col_sum, positives = kernels.infonce_block_stats(
                 image.detach(), text_all, scale.detach(), offset, chunk)
-            # Merge the per-rank column statistics: global max first, then rescaled sums.
-            global_max = distributed.all_reduce(col_max, "max")
-            col_sum = distributed.all_reduce(col_sum * torch.exp(col_max - global_max), "sum")
-            col_lse = global_max + torch.log(col_sum)
+            # Merge the per-rank column statistics: the largest reference first, then rescaled sums.
+            global_ref = distributed.all_reduce(col_ref, "max")
+            col_sum = distributed.all_reduce(col_sum * torch.exp(col_ref - global_ref), "sum")
+            col_lse = global_ref + torch.log(col_sum)
         # This rank owns its rows' image→text terms and its own columns' text→image terms.
         share = (row_lse.sum() + col_lse[offset:offset + b].sum() - 2 * positives) / (2 * big_b)
         ctx.save_for_backward(image, text_all, scale, row_lse, col_lse)

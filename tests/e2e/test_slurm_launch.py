@@ -70,8 +70,11 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, digits_root, tmp
     subprocess.run(["scancel", "--signal=USR1", job], check=True, env=slurm.env)
     requeued = slurm.wait_for(job, lambda s: s.get("Restarts") == "1", 120, "requeue")
     # SLURM holds a requeued batch job for about two minutes before it may start again; an
-    # admin's StartTime=now skips only that wait.
+    # admin's StartTime=now skips only that wait. Not within the second of the requeue: slurmd
+    # revoked the old run's credential at a whole-second time and refuses a new credential of
+    # the same job created in that second ("Job credential revoked"; the job then FAILs).
     if requeued.get("JobState") == "PENDING":
+        time.sleep(2.0)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, capture_output=True)
     state = slurm.wait_for(job, completed, 300, "completion after the requeue")
     assert state["ExitCode"] == "0:0" and state["Restarts"] == "1", log.read_text()[-6000:]

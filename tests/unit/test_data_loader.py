@@ -1,6 +1,7 @@
 """TrainLoader with real DataLoader worker processes: exact resume, worker-count changes, counters, key log."""
 
 import itertools
+import multiprocessing
 import json
 
 import pytest
@@ -153,3 +154,26 @@ def test_a_workers_config_error_arrives_as_one_line(tmp_path):
     with pytest.raises(ClipkitConfigError) as caught:
         next(iter(train))
     assert str(caught.value).startswith("none of the 2 shards has a usable sample") and "\n" not in str(caught.value)
+
+
+def _live_children() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children() if p.is_alive()}
+
+
+def test_workers_are_stopped_when_an_error_or_an_early_stop_ends_the_iteration(tmp_path, two_sources):
+    """Workers ignore SIGTERM (preemption), so neither DataLoader's terminate() fallback nor
+    multiprocessing's at-exit terminate can stop one: a worker the loader left behind made the
+    interpreter's exit wait on it forever (a CI run hung there after its last test)."""
+    before = _live_children()
+    (tmp_path / "a.tar").write_bytes(b"not a tar" * 100)
+    broken = TrainLoader([Source("s", (str(tmp_path / "a.tar"),))], StreamSettings(batch_size=2, streams_per_rank=1),
+                         preprocess=preprocess, tokenize=tokenize, num_workers=1, rank=0, world_size=1, seed=0)
+    with pytest.raises(ClipkitConfigError) as caught:
+        next(iter(broken))
+    assert _live_children() == before, "the failed iteration left a worker running"
+    batches = iter(loader(two_sources, "resampled", 2, 0))
+    next(batches)
+    assert len(_live_children() - before) == 2
+    batches.close()  # what dropping a half-read loader does
+    assert _live_children() == before, "the abandoned iteration left workers running"
+    del caught

@@ -66,10 +66,10 @@ def test_infonce_primitives_match_definitions(big_b, offset, rows, d, chunk):
     q, s = img[offset:offset + rows], torch.tensor([100.0], dtype=F64)
     c = chunk_of(chunk, rows)
     logits, onehot = reference_block(q, txt, s, offset)
-    row_lse, col_max, col_sum, positives = kernels.infonce_block_stats(q, txt, s, offset, c)
+    row_lse, col_ref, col_sum, positives = kernels.infonce_block_stats(q, txt, s, offset, c)
     torch.testing.assert_close(row_lse, logits.logsumexp(1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(col_max, logits.amax(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(col_max + col_sum.log(), logits.logsumexp(0), rtol=1e-12, atol=1e-12)
+    assert (col_ref >= logits.amax(0) - 1e-12).all() and (col_sum >= math.exp(-50)).all()
+    torch.testing.assert_close(col_ref + col_sum.log(), logits.logsumexp(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(positives, (logits * onehot).sum(), rtol=1e-12, atol=1e-12)
     # Any column normalizer works for the contract; use one that is not the block's own.
     col_lse = logits.logsumexp(0) + 0.25
@@ -78,6 +78,32 @@ def test_infonce_primitives_match_definitions(big_b, offset, rows, d, chunk):
     torch.testing.assert_close(dq, g @ txt, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(dk, g.T @ q, rtol=1e-10, atol=1e-12)
     assert kernels.infonce_block_grads(q, txt, s, offset, row_lse, col_lse, c, need_q=False, need_k=False) == (None, None)
+
+
+@pytest.mark.parametrize("chunk", [2, 8])
+def test_infonce_stats_columns_far_below_the_chunk_max_stay_exact_in_float32(chunk):
+    """The stats pass sums columns against the chunk's largest logit; a column ~200 below it
+    (s = 100, opposite features) would underflow there and must be recomputed exactly."""
+    d = 6
+    basis = torch.eye(d, dtype=F64)
+    # Row 0 meets column 0 at +100; every row meets column 1 at -100 or near it; the rest mixed.
+    q = F.normalize(torch.stack([basis[0], basis[0] + 0.1 * basis[2], basis[0] - 0.1 * basis[3],
+                                 basis[0] + 0.3 * basis[4], basis[0] + 0.05 * basis[5], basis[2] + basis[0] * 2]), dim=-1)
+    k = F.normalize(torch.stack([basis[0], -basis[0], basis[2], basis[3] + basis[4], basis[5], -basis[0] + basis[1]]),
+                    dim=-1)
+    s = torch.tensor([100.0], dtype=F64)
+    logits = s * q @ k.T
+    assert (logits.amax() - logits[:, 1].amax()) > 150  # the case this test is for
+    row_lse, col_ref, col_sum, positives = kernels.infonce_block_stats(q.float(), k.float(), s.float(), 0, chunk)
+    torch.testing.assert_close(row_lse.double(), logits.logsumexp(1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close((col_ref + col_sum.log()).double(), logits.logsumexp(0), rtol=1e-6, atol=1e-5)
+    assert (col_sum >= math.exp(-50)).all()
+    # And the loss and gradients through the fused path, float32 against float64.
+    want = value_and_grads(lambda i, t: clip_loss(i, t, s), (q, k))
+    got = value_and_grads(lambda i, t: fused_clip_loss(i, t, s.float(), chunk=chunk), (q.float(), k.float()))
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
