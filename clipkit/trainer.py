@@ -84,34 +84,41 @@ class Trainer:
         """Returns the last step run; checkpoints at the end."""
         bar = self._progress(start_step)
         batches = iter(self.batches)
-        step, t_last, step_last = start_step, time.perf_counter(), start_step
-        for step in range(start_step + 1, self.s.max_steps + 1):
-            images, tokens = next(batches)
-            record = self.train_step(images, tokens, step)
-            if bar is not None:
-                bar.update(1)
-            if step % self.s.log_every_n_steps == 0 or step == self.s.max_steps:
-                now = time.perf_counter()
-                record["train/samples_per_s"] = (step - step_last) * self.s.global_batch_size / (now - t_last)
-                record["train/lr"] = float(self.engine.get_lr()[0])
-                t_last, step_last = now, step
-                if self.data_stats is not None:
-                    record.update(self.data_stats())
-                self.loggers.log({"step": step, **record})
+        try:
+            step, t_last, step_last = start_step, time.perf_counter(), start_step
+            for step in range(start_step + 1, self.s.max_steps + 1):
+                images, tokens = next(batches)
+                record = self.train_step(images, tokens, step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['train/loss']:.4f}",
-                                    samples_s=f"{record['train/samples_per_s']:.0f}")
-            last = step == self.s.max_steps
-            preempted = self.stop_requested and not last
-            if last or preempted or (self.s.checkpoint_every_n_steps and step % self.s.checkpoint_every_n_steps == 0):
-                self.checkpointer.save(self.engine, step, self.client_state(step))
-            if preempted:
-                self.preempted_at = step
-                break
-            # The final eval belongs to the caller, which also runs it for an already-finished run.
-            if (self.evaluate is not None and not last and self.s.eval_every_n_steps
-                    and step % self.s.eval_every_n_steps == 0):
-                self.loggers.log({"step": step, **self.evaluate(step)})
+                    bar.update(1)
+                if step % self.s.log_every_n_steps == 0 or step == self.s.max_steps:
+                    now = time.perf_counter()
+                    record["train/samples_per_s"] = (step - step_last) * self.s.global_batch_size / (now - t_last)
+                    record["train/lr"] = float(self.engine.get_lr()[0])
+                    t_last, step_last = now, step
+                    if self.data_stats is not None:
+                        record.update(self.data_stats())
+                    self.loggers.log({"step": step, **record})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['train/loss']:.4f}",
+                                        samples_s=f"{record['train/samples_per_s']:.0f}")
+                last = step == self.s.max_steps
+                preempted = self.stop_requested and not last
+                every = self.s.checkpoint_every_n_steps
+                if last or preempted or (every and step % every == 0):
+                    self.checkpointer.save(self.engine, step, self.client_state(step))
+                if preempted:
+                    self.preempted_at = step
+                    break
+                # The final eval belongs to the caller, which also runs it for an already-finished run.
+                if (self.evaluate is not None and not last and self.s.eval_every_n_steps
+                        and step % self.s.eval_every_n_steps == 0):
+                    self.loggers.log({"step": step, **self.evaluate(step)})
+        finally:
+            # Stops the data workers now (before the caller's final eval), also when a step raised.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
         if bar is not None:
             bar.close()
         return step

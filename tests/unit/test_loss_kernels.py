@@ -88,7 +88,8 @@ def test_infonce_stats_columns_far_below_the_chunk_max_stay_exact_in_float32(chu
     basis = torch.eye(d, dtype=F64)
     # Row 0 meets column 0 at +100; every row meets column 1 at -100 or near it; the rest mixed.
     q = F.normalize(torch.stack([basis[0], basis[0] + 0.1 * basis[2], basis[0] - 0.1 * basis[3],
-                                 basis[0] + 0.3 * basis[4], basis[0] + 0.05 * basis[5], basis[2] + basis[0] * 2]), dim=-1)
+                                 basis[0] + 0.3 * basis[4], basis[0] + 0.05 * basis[5],
+                                 basis[2] + basis[0] * 2]), dim=-1)
     k = F.normalize(torch.stack([basis[0], -basis[0], basis[2], basis[3] + basis[4], basis[5], -basis[0] + basis[1]]),
                     dim=-1)
     s = torch.tensor([100.0], dtype=F64)
