@@ -1,8 +1,8 @@
 """TrainLoader with real DataLoader worker processes: exact resume, worker-count changes, counters, key log."""
 
 import itertools
-import multiprocessing
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -168,12 +168,12 @@ def test_workers_are_stopped_when_an_error_or_an_early_stop_ends_the_iteration(t
     (tmp_path / "a.tar").write_bytes(b"not a tar" * 100)
     broken = TrainLoader([Source("s", (str(tmp_path / "a.tar"),))], StreamSettings(batch_size=2, streams_per_rank=1),
                          preprocess=preprocess, tokenize=tokenize, num_workers=1, rank=0, world_size=1, seed=0)
+    # `caught` keeps the error's traceback, and through it the iterator, alive (as in the hung run).
     with pytest.raises(ClipkitConfigError) as caught:
         next(iter(broken))
-    assert _live_children() == before, "the failed iteration left a worker running"
+    assert _live_children() == before and caught.tb is not None, "the failed iteration left a worker running"
     batches = iter(loader(two_sources, "resampled", 2, 0))
     next(batches)
     assert len(_live_children() - before) == 2
     batches.close()  # what dropping a half-read loader does
     assert _live_children() == before, "the abandoned iteration left workers running"
-    del caught
