@@ -10,7 +10,8 @@ export HF_HUB_OFFLINE := 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@# PYTHONWARNINGS: setuptools warns on every editable install that a local clipkit/ folder shadows imports.
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e '.[dev]'
 	@# CLIP_benchmark's metric code, for the parity tests. --no-deps: its requirements (transformers,
 	@# pycocoevalcap with Java jars) serve its CLI; the metric modules need only torch, tqdm, sklearn.
 	$(BIN)/pip install --quiet --no-deps clip-benchmark==1.6.2

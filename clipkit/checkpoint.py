@@ -1,10 +1,8 @@
 """Checkpoints: save and resume through the DeepSpeed engine, atomically; export to open_clip.
 
-Layout of a run directory (named by `run_name`, never a timestamp, so a requeued job finds it):
+Under a run directory (`clipkit.run_dir.RunDir`):
     checkpoints/step_00000500/   DeepSpeed tag directory (model, optimizer, client state)
     checkpoints/latest           name of the newest *complete* tag, replaced atomically
-    open_clip_config.json        open_clip model + preprocess config of the towers
-    export/                      open_clip state dict + config (`clipkit-export`)
 
 A save writes the tag directory first and flips `latest` only after every rank has
 finished, so a process killed mid-save leaves `latest` on the previous good checkpoint.
@@ -12,8 +10,8 @@ finished, so a process killed mid-save leaves `latest` on the previous good chec
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,18 +20,12 @@ import torch
 
 from clipkit import distributed
 from clipkit.errors import ClipkitConfigError
+from clipkit.run_dir import OPEN_CLIP_CONFIG, RunDir, atomic_write_bytes, atomic_write_text
 
 LATEST = "latest"
-OPEN_CLIP_CONFIG = "open_clip_config.json"
 EXPORT_WEIGHTS = "open_clip_pytorch_model.bin"
 # Objective parameters that open_clip keeps on the model itself rather than in a loss.
 _LOSS_TO_OPEN_CLIP = {"loss.logit_scale": "logit_scale", "loss.logit_bias": "logit_bias"}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def tag_for_step(step: int) -> str:
@@ -139,21 +131,21 @@ def export_open_clip(run_dir: str | Path, out_dir: str | Path | None = None, tag
     with `create_model_and_transforms(name, pretrained=<out_dir>/open_clip_pytorch_model.bin)`
     for a built-in architecture name. Returns the weights path.
     """
-    run_dir = Path(run_dir)
-    ckpt = Checkpointer(run_dir / "checkpoints")
+    run = RunDir(run_dir)
+    ckpt = Checkpointer(run.checkpoints)
     tag = tag or ckpt.latest_tag()
     if tag is None:
-        raise ClipkitConfigError(f"{run_dir} has no complete checkpoint to export")
-    config = json.loads((run_dir / OPEN_CLIP_CONFIG).read_text())
+        raise ClipkitConfigError(f"{run.root} has no complete checkpoint to export")
+    config = json.loads(run.open_clip_config.read_text())
     state = to_open_clip_state_dict(fp32_state_dict(ckpt.dir / tag))
     if "logit_bias" in state:
         # open_clip only creates `logit_bias` when the config asks for it (SigLIP models).
         config["model_cfg"]["init_logit_bias"] = float(state["logit_bias"])
-    out_dir = Path(out_dir) if out_dir else run_dir / "export"
+    out_dir = Path(out_dir) if out_dir else run.export
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / EXPORT_WEIGHTS
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, weights)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(weights, buffer.getvalue())
     atomic_write_text(out_dir / OPEN_CLIP_CONFIG, json.dumps(config, indent=2))
     return weights

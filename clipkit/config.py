@@ -1,16 +1,38 @@
-"""Config composition checks that turn Hydra's multi-line reports into one-line errors.
+"""Composing the config: where the shipped configs live, the checks that turn Hydra's reports
+into one-line errors, and the values derived once at the entry point.
 
-`preflight` composes the config from the command line once, before `@hydra.main` runs, so
-an unknown group option (`loss=focal`) or a mistyped key (`trainer.max_stpes=5`) is
-reported in one line naming the override, before any process group or worker exists.
+`preflight` composes the config from the command line before `@hydra.main` runs, so an
+unknown group option (`loss=focal`), a mistyped key (`trainer.max_stpes=5`), or a missing
+shard is reported in one line naming the override, before any run directory, process group
+or worker exists.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def _conf_dir() -> Path:
+    """The shipped Hydra configs: `clipkit/conf` inside an installed wheel, the repository's
+    top-level `conf/` in a source checkout or an editable install."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if (installed / "train.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
+
+# Hydra command-line flags that take a value, and those that only print (no run, no checks).
+_VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c",
+                "--package", "-p", "--info", "-i", "--experimental-rerun"}
+_PRINT_ONLY = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version",
+               "--shell-completion", "-sc", "--resolve"}
+# A shell brace pattern in a value: {00000..41407} or {a,b}, no Hydra dict (no ':' inside).
+_BRACE_PATTERN = re.compile(r"\{[^{}:'\"]*(\.\.|,)[^{}:'\"]*\}")
 
 
 def one_line(message: str) -> str:
@@ -24,20 +46,106 @@ def one_line(message: str) -> str:
     return "; ".join(parts).replace(":; ", ": ")
 
 
-def preflight(prog: str, config_name: str, argv: list[str]) -> None:
-    """Exits with `prog: error: ...` if the overrides in `argv` do not compose."""
-    overrides = [a for a in argv if not a.startswith("hydra.") and not a.startswith("-")]
-    if len(overrides) != len(argv):  # Hydra flags (--multirun, -cn, ...): leave them to Hydra
+def quote_brace_patterns(override: str) -> str:
+    """`key=/data/{00000..41407}.tar` -> `key='/data/{00000..41407}.tar'`.
+
+    The README's `data.train_urls='/data/laion/{00000..41407}.tar'` reaches Python without its
+    quotes (the shell takes them), and Hydra's grammar reads `{` as the start of a dict. A value
+    holding a shell brace pattern and no quotes of its own is quoted for Hydra, so the command
+    works as printed. Hydra dicts (`key={a: 1}`) have a ':' inside the braces and are left alone.
+    """
+    key, sep, value = override.partition("=")
+    if not sep or not _BRACE_PATTERN.search(value) or "'" in value or '"' in value or value.startswith("{"):
+        return override
+    return f"{key}{sep}'{value}'"
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
+    """-> (overrides, Hydra flags with their values)."""
+    overrides, flags, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            name, eq, value = arg.partition("=")
+            if name in _VALUE_FLAGS and not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else None
+                i += 1
+            flags[name] = value if (eq or name in _VALUE_FLAGS) else None
+        else:
+            overrides.append(arg)
+        i += 1
+    return overrides, flags
+
+
+def resolve_step_budget(cfg: Any) -> None:
+    """`trainer.epochs` (open_clip_train's habit) -> `trainer.max_steps`, in place.
+
+    With `trainer.epochs=E`, max_steps = ceil(E · samples per epoch / data.global_batch_size),
+    where an epoch is `data.train_num_samples` samples (or `data.epoch_samples` when resampled).
+    """
+    epochs = cfg.trainer.get("epochs")
+    if epochs is None:
         return
+    samples = cfg.data.get("train_num_samples") or cfg.data.get("epoch_samples")
+    if not samples:
+        from clipkit.errors import ClipkitConfigError
+
+        raise ClipkitConfigError(f"trainer.epochs={epochs} needs the epoch length: set data.train_num_samples "
+                                 "(samples in the training shards), or give trainer.max_steps instead")
+    cfg.trainer.max_steps = math.ceil(float(epochs) * int(samples) / int(cfg.data.global_batch_size))
+
+
+def _unparsable(overrides: list[str]) -> str | None:
+    """A message naming the first override Hydra's grammar rejects, with quoting that works."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except HydraException as err:
+            key, _, value = override.partition("=")
+            return (f"cannot parse the override {override!r} ({one_line(err).split('; See ')[0]}); a value holding "
+                    f"braces, spaces, ':' or '=' needs Hydra's quotes inside the shell's: \"{key}='{value}'\"")
+    return None
+
+
+def preflight(prog: str, config_name: str, argv: list[str],
+              check: Callable[[Any], None] | None = None) -> list[str]:
+    """Composes the command line's overrides and exits with `prog: error: ...` if they do not
+    compose or `check(cfg)` raises a ClipkitConfigError. Returns argv with shell brace
+    patterns quoted for Hydra (`quote_brace_patterns`), to be handed to `@hydra.main`.
+
+    `--config-dir DIR` (a user's own config folder, extending the shipped groups) is honoured;
+    `--cfg`, `--info` and other print-only flags compose without `check` (no paths are read);
+    a multirun (`-m`) and `--config-name`/`--config-path` are left to Hydra.
+    """
+    argv = [a if a.startswith("-") else quote_brace_patterns(a) for a in argv]
+    overrides, flags = _split_argv(argv)
+    if {"-m", "--multirun", "-cn", "--config-name", "-cp", "--config-path", "--help", "-h", "--hydra-help",
+            "--version", "--shell-completion", "-sc"} & set(flags):
+        return argv
+    overrides = [o for o in overrides if not o.startswith("hydra.")]
+    config_dir = flags.get("--config-dir") or flags.get("-cd")
+    if config_dir:
+        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from clipkit.errors import ClipkitConfigError
+
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
+        if check is not None and not (_PRINT_ONLY & set(flags)):
+            check(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        sys.exit(f"{prog}: error: {one_line(err)}")
+        sys.exit(f"{prog}: error: {_unparsable(overrides) or one_line(err)}")
+    except ClipkitConfigError as err:
+        sys.exit(f"{prog}: error: {err}")
     finally:
         GlobalHydra.instance().clear()
+    return argv

@@ -69,6 +69,25 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, *, warmup_steps: int, t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def constant_with_warmup(optimizer: torch.optim.Optimizer, *, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the base lr, then the base lr for good."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, sched_cfg: Any, *,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`sched:` section (`name` cosine | constant, `warmup_steps`, cosine's `min_lr_ratio`) -> scheduler."""
+    if sched_cfg.name == "cosine":
+        return cosine_with_warmup(optimizer, warmup_steps=sched_cfg.warmup_steps, total_steps=total_steps,
+                                  min_lr_ratio=sched_cfg.min_lr_ratio)
+    if sched_cfg.name == "constant":
+        return constant_with_warmup(optimizer, warmup_steps=sched_cfg.warmup_steps)
+    raise ClipkitConfigError(f"sched.name={sched_cfg.name!r} is not one of {', '.join(SCHEDULES)}")
+
+
 def initialize_engine(objective: nn.Module, optimizer: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler, ds_config: dict[str, Any]):
     """`deepspeed.initialize` on an already-initialized process group; returns the engine."""

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from clipkit.run_dir import RunDir
+
 
 class JsonlLogger:
     """Appends one JSON object per `log` call; flushed each line so a crash loses nothing."""
@@ -59,12 +61,12 @@ class MetricLoggers:
             sink.close()
 
 
-def build_loggers(wandb_cfg: dict[str, Any] | None, *, run_dir: Path, run_name: str,
+def build_loggers(wandb_cfg: dict[str, Any] | None, *, run_dir: RunDir, run_name: str,
                   config: dict[str, Any], is_main: bool) -> MetricLoggers:
     """`wandb_cfg` is `logger.wandb` (null disables wandb)."""
     if not is_main:
         return MetricLoggers([])
-    sinks: list = [JsonlLogger(run_dir / "metrics.jsonl")]
+    sinks: list = [JsonlLogger(run_dir.metrics)]
     if wandb_cfg:
-        sinks.append(WandbLogger(run_name=run_name, run_dir=run_dir, config=config, **wandb_cfg))
+        sinks.append(WandbLogger(run_name=run_name, run_dir=run_dir.root, config=config, **wandb_cfg))
     return MetricLoggers(sinks)

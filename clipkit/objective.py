@@ -11,26 +11,42 @@ FLIP patch dropout for the unmasked tuning phase (`model.unmasked_tuning_steps`)
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipkit.errors import ClipkitConfigError
 from clipkit.models.outputs import (encode_image_parts, image_token_features, is_coca, is_vision_transformer,
                                     text_token_features)
 
+_TOKEN_MODEL = "a ViT CLIP without an attentional pooler (model=tiny_vit)"
+_COCA_MODEL = "a CoCa model (model=tiny_coca)"
+_TEACHER = "model.teacher (model=tiny_distill)"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One named model output a loss may need: what it is, its shape, and which model gives it."""
+
+    what: str
+    shape: str
+    given_by: str = "any model"
+
+
 OUTPUTS = {
-    "image": "pooled image features [b, D], L2-normalized",
-    "text": "pooled text features [b, D], L2-normalized",
-    "image_tokens": "patch-token features [b, N, D], each L2-normalized",
-    "image_mask": "None (every patch token is real)",
-    "text_tokens": "per-position text features [b, L, D], each L2-normalized",
-    "text_mask": "[b, L] bool, True on real (non-pad) tokens",
-    "caption_logits": "CoCa decoder logits [b, L-1, V]",
-    "caption_labels": "the next tokens [b, L-1]",
-    "teacher_image": "the frozen teacher's pooled image features [b, D_t]",
-    "teacher_text": "the frozen teacher's pooled text features [b, D_t]",
-    "teacher_logit_scale": "the teacher's exp(logit_scale), [1]",
+    "image": Output("pooled image features", "[b, D], L2-normalized"),
+    "text": Output("pooled text features", "[b, D], L2-normalized"),
+    "image_tokens": Output("patch-token features", "[b, N, D], each L2-normalized", _TOKEN_MODEL),
+    "image_mask": Output("the patch-token mask", "None (every patch token is real)", _TOKEN_MODEL),
+    "text_tokens": Output("per-position text features", "[b, L, D], each L2-normalized", _TOKEN_MODEL),
+    "text_mask": Output("the text-token mask", "[b, L] bool, True on real (non-pad) tokens", _TOKEN_MODEL),
+    "caption_logits": Output("CoCa decoder logits", "[b, L-1, V]", _COCA_MODEL),
+    "caption_labels": Output("the next tokens", "[b, L-1]", _COCA_MODEL),
+    "teacher_image": Output("the frozen teacher's pooled image features", "[b, D_t]", _TEACHER),
+    "teacher_text": Output("the frozen teacher's pooled text features", "[b, D_t]", _TEACHER),
+    "teacher_logit_scale": Output("the teacher's exp(logit_scale)", "[1]", _TEACHER),
 }
 
 
@@ -90,6 +106,15 @@ class ContrastiveObjective(nn.Module):
         if self._teacher is not None:
             can |= {"teacher_image", "teacher_text", "teacher_logit_scale"}
         return [n for n in needs if n not in can]
+
+    def check_outputs(self, loss_name: str, model_name: str, needs: tuple[str, ...]) -> None:
+        """Raises a one-line config error naming the model to use when `needs` asks for more
+        than this model gives."""
+        missing = self.missing_outputs(needs)
+        if missing:
+            what = ", ".join(OUTPUTS[name].what for name in missing)
+            use = " or ".join(sorted({OUTPUTS[name].given_by for name in missing}))
+            raise ClipkitConfigError(f"loss={loss_name} needs {what} that model={model_name} cannot give; use {use}")
 
     def on_step(self, step: int) -> None:
         """Called by the Trainer before step `step`'s forward, on every rank."""

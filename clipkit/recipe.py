@@ -1,19 +1,27 @@
-"""Builds every component of a training run from its own config section and runs it.
+"""A training run in named phases, each given only what it needs:
 
-Each `build_*` takes only its section (`cfg.model`, `cfg.loss`, ...); `run_training`
-is the one place that sees the whole config. User mistakes are checked before the
-process group, the model or any dataloader worker is created.
+    check_inputs(cfg) -> Inputs     user mistakes (paths, eval sets, signals, resume target), before
+                                    any process group, model or data worker exists
+    build_run(cfg, inputs, dist)    towers, loss, objective, engine, eval suite, loggers -> Run
+    resume(run, tag)                engine state and the data position -> the loader
+    fit(run)                        the step loop (preemption: checkpoint, requeue, stop)
+    finish(run)                     final eval, export, curves, results table
+
+Each `build_*` takes only its own config section (`cfg.model`, `cfg.loss`, ...); `run_training`
+and `build_run` are the only places that see the whole config.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import random
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,16 +31,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clipkit import distributed
-from clipkit.checkpoint import OPEN_CLIP_CONFIG, Checkpointer, atomic_write_text, export_open_clip
-from clipkit.data import build_sources, build_train_loader
-from clipkit.engine import build_optimizer, cosine_with_warmup, initialize_engine, render_deepspeed_config
+from clipkit.checkpoint import Checkpointer, export_open_clip
+from clipkit.data import Source, TrainLoader, build_sources, build_train_loader
+from clipkit.engine import build_optimizer, build_schedule, initialize_engine, render_deepspeed_config
 from clipkit.errors import ClipkitConfigError
-from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config, check_captioning
-from clipkit.loggers import build_loggers
+from clipkit.eval.runner import SearchConfig
+from clipkit.eval.scoring import build_scorer
+from clipkit.eval.suite import EvalSetSpec, EvalSuite, build_eval_specs, build_search_config, check_captioning
+from clipkit.loggers import MetricLoggers, build_loggers
 from clipkit.models import ModelBundle, build_model, build_teacher_model, lock_towers, open_clip_config
-from clipkit.objective import OUTPUTS, ContrastiveObjective, Teacher
+from clipkit.objective import ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
-from clipkit.preemption import Preempted, PreemptionWatch, parse_signals, requeue_slurm_job
+from clipkit.preemption import (Preempted, PreemptionWatch, ignore_preemption_signals, parse_signals,
+                                requeue_slurm_job)
+from clipkit.run_dir import RunDir, atomic_write_text
 from clipkit.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -53,8 +65,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _quiet_deepspeed_startup() -> None:
+    """DeepSpeed's start-up news is no news to a clipkit user: which accelerator it fell back to
+    (clipkit says it once, in `announce`), torch's "No CUDA runtime is found" from the C++
+    extension loader, and the CPU comm op's "built successfully"."""
+    gpu_like = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if not gpu_like:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def init_distributed(launcher_cfg: DictConfig) -> distributed.DistInfo:
     """Joins (or, for one process, creates) the process group DeepSpeed will use."""
+    _quiet_deepspeed_startup()
     import deepspeed
 
     info = distributed.env_dist_info()
@@ -66,8 +89,21 @@ def init_distributed(launcher_cfg: DictConfig) -> distributed.DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=launcher_cfg.timeout_minutes))
+    with contextlib.redirect_stdout(io.StringIO()):  # the comm op's "built successfully"
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=launcher_cfg.timeout_minutes))
     return info
+
+
+def announce(cfg: DictConfig, dist: distributed.DistInfo, bundle: ModelBundle, run_dir: RunDir) -> None:
+    """One start-up line in clipkit's words (rank 0): what runs where, and what is random."""
+    if not dist.is_main:
+        return
+    device = f"{dist.world_size} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() \
+        else f"{dist.world_size} CPU process{'es' if dist.world_size > 1 else ''}"
+    weights = f"from {cfg.model.pretrained}" if cfg.model.pretrained else "randomly initialized (model.pretrained unset)"
+    log.info("run %s in %s: model %s %s, loss=%s; %d steps of %d samples on %s (DeepSpeed ZeRO-%d, %s)",
+             cfg.run_name, run_dir.root, bundle.name, weights, cfg.loss.name, cfg.trainer.max_steps,
+             cfg.data.global_batch_size, device, cfg.trainer.zero_stage, cfg.trainer.precision)
 
 
 def _plain(node) -> Any:
@@ -84,11 +120,13 @@ def build_towers(model_cfg: DictConfig) -> ModelBundle:
 
 
 def build_objective(model_cfg: DictConfig, bundle: ModelBundle, loss: torch.nn.Module, *,
-                    max_steps: int, seed: int) -> ContrastiveObjective:
+                    max_steps: int, seed: int, loss_name: str | None = None) -> ContrastiveObjective:
     """Towers + loss (+ the frozen `model.teacher`, TailDrop, FLIP's unmasked tuning phase).
 
-    Fails with a one-line config error when the loss needs an output this model lacks.
+    Fails with a one-line config error when the loss (`loss=<loss_name>`) needs an output this
+    model lacks.
     """
+    loss_name = loss_name or type(loss).__name__
     teacher_cfg = model_cfg.get("teacher")
     teacher = None
     if teacher_cfg:
@@ -104,14 +142,7 @@ def build_objective(model_cfg: DictConfig, bundle: ModelBundle, loss: torch.nn.M
     objective = ContrastiveObjective(
         bundle.model, loss, teacher=teacher, tail_drop_max=int(model_cfg.get("tail_drop_max", 0)),
         unmasked_tuning_from_step=max_steps - unmasked + 1 if unmasked else None, seed=seed)
-    missing = objective.missing_outputs(tuple(loss.needs))
-    if missing:
-        hints = {"caption_logits": "a CoCa model (model=tiny_coca)",
-                 "image_tokens": "a ViT CLIP without an attentional pooler (model=tiny_vit)",
-                 "teacher_image": "model.teacher (model=tiny_distill)"}
-        wanted = sorted({h for name, h in hints.items() if name in missing} or {", ".join(missing)})
-        raise ClipkitConfigError(f"loss={type(loss).__name__} needs {', '.join(OUTPUTS[m].split(' [')[0] for m in missing)}"
-                                 f" that model={bundle.name} cannot give; use {' or '.join(wanted)}")
+    objective.check_outputs(loss_name, bundle.name, tuple(loss.needs))
     return objective
 
 
@@ -139,25 +170,28 @@ def build_engine(objective: torch.nn.Module, *, optim_cfg: DictConfig, sched_cfg
         precision=trainer_cfg.precision, grad_clip=trainer_cfg.grad_clip)
     optimizer = build_optimizer(objective, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
                                 betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
-    scheduler = cosine_with_warmup(optimizer, warmup_steps=sched_cfg.warmup_steps,
-                                   total_steps=trainer_cfg.max_steps, min_lr_ratio=sched_cfg.min_lr_ratio)
+    scheduler = build_schedule(optimizer, sched_cfg, total_steps=trainer_cfg.max_steps)
     return initialize_engine(objective, optimizer, scheduler, ds_config)
 
 
-def _write_run_files(run_dir: Path, cfg: DictConfig, bundle: ModelBundle) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    preprocess_cfg = dict(getattr(bundle.model.visual, "preprocess_cfg", {}))
-    atomic_write_text(run_dir / OPEN_CLIP_CONFIG, json.dumps(
-        {"model_cfg": bundle.model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+@dataclass(frozen=True)
+class Inputs:
+    """What `check_inputs` found valid: the pieces later phases use as they are."""
+
+    sources: list[Source]
+    eval_specs: list[EvalSetSpec]
+    eval_search: SearchConfig
+    preempt_signals: list
+    resume_tag: str | None
 
 
-def run_training(cfg: DictConfig) -> dict[str, Any]:
-    """The whole job: returns the final eval metrics (`{set/metric: value}`)."""
-    # User input first: paths, batch split, resume target.
+def check_inputs(cfg: DictConfig) -> Inputs:
+    """Every user input that can be checked without a process group: shard paths, eval sets,
+    search and scoring keys, preemption signals, the resume target. Cheap; raises ClipkitConfigError."""
     sources = build_sources(cfg.data)
     eval_specs = build_eval_specs(cfg.eval.sets)
     eval_search = build_search_config(cfg.eval)
+    build_scorer(cfg.eval.get("scoring", "auto"))
     if cfg.eval.get("cache_dir"):
         # The cache is keyed by (model, set, step): two runs of one architecture would share
         # entries, and a run never re-embeds the same weights, so there is nothing to reuse.
@@ -167,85 +201,141 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         preempt_signals = parse_signals(cfg.launcher.get("preempt_signals") or [])
     except ValueError as err:
         raise ClipkitConfigError(str(err)) from None
-    run_dir = Path(cfg.paths.run_dir)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=cfg.trainer.keep_last_checkpoints)
-    resume_tag = checkpointer.resolve_resume(cfg.trainer.resume)
+    checkpointer = Checkpointer(RunDir(cfg.paths.run_dir).checkpoints)
+    return Inputs(sources, eval_specs, eval_search, preempt_signals, checkpointer.resolve_resume(cfg.trainer.resume))
 
-    info = init_distributed(cfg.launcher)
-    world = info.world_size
-    seed_everything(cfg.seed)
-    bundle = build_towers(cfg.model)
-    check_captioning(eval_specs, bundle.model, zero_stage=cfg.trainer.zero_stage, world_size=world)
-    objective = build_objective(cfg.model, bundle, build_loss(cfg.loss, bundle),
-                                max_steps=cfg.trainer.max_steps, seed=cfg.seed)
-    engine = build_engine(objective, optim_cfg=cfg.optim, sched_cfg=cfg.sched, trainer_cfg=cfg.trainer,
-                          global_batch_size=cfg.data.global_batch_size, world_size=world)
-    if info.is_main:
-        _write_run_files(run_dir, cfg, bundle)
 
-    start_step, data_seed, data_state = 0, cfg.seed, None
-    if resume_tag is not None:
-        client_state = checkpointer.load(engine, resume_tag)
-        start_step, data_state = int(client_state["step"]), client_state.get("data")
-        if data_state is None:
-            # Checkpoints from before exact resume: reshuffle rather than replay step 0's data.
-            log.warning("checkpoint %s has no data position; the data stream restarts from a new seed", resume_tag)
-            data_seed = cfg.seed + 7919 * start_step
+@dataclass
+class Run:
+    """Everything one training run holds; built by `build_run`, the loader added by `resume`."""
 
-    loader = build_train_loader(
-        cfg.data, sources, preprocess=bundle.preprocess_train, tokenize=bundle.tokenizer,
-        rank=info.rank, world_size=world, seed=data_seed, resume=data_state,
-        keys_dir=run_dir / "data_keys" if cfg.data.get("record_keys") else None)
-    if data_state is not None and loader.batches != start_step:
-        # One batch per step per rank: anything else means the checkpoint is inconsistent.
-        raise ClipkitConfigError(f"checkpoint {resume_tag}: data position {loader.batches} batches, step {start_step}")
-    loggers = build_loggers(OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.wandb else None,
-                            run_dir=run_dir, run_name=cfg.run_name,
-                            config=OmegaConf.to_container(cfg, resolve=True), is_main=info.is_main)
-    suite = EvalSuite(eval_specs, preprocess=bundle.preprocess_val, tokenizer=bundle.tokenizer,
-                      batch_size=cfg.eval.batch_size, out_dir=run_dir / "eval", model_name=bundle.name,
-                      search=eval_search)
+    cfg: DictConfig
+    inputs: Inputs
+    dist: distributed.DistInfo
+    run_dir: RunDir
+    bundle: ModelBundle
+    objective: ContrastiveObjective
+    engine: Any
+    checkpointer: Checkpointer
+    suite: EvalSuite
+    loggers: MetricLoggers
+    loader: TrainLoader | None = None
+    start_step: int = 0
 
-    def evaluate(step: int) -> dict[str, float]:
-        engine.eval()
-        metrics = suite.run(engine.module, device=engine.device, step=step)
-        engine.train()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Collective: every eval set on the current weights, in eval mode."""
+        self.engine.eval()
+        metrics = self.suite.run(self.engine.module, device=self.engine.device, step=step)
+        self.engine.train()
         return metrics
 
+
+def _write_run_files(run_dir: RunDir, cfg: DictConfig, bundle: ModelBundle) -> None:
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+    preprocess_cfg = dict(getattr(bundle.model.visual, "preprocess_cfg", {}))
+    atomic_write_text(run_dir.open_clip_config, json.dumps(
+        {"model_cfg": bundle.model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+
+
+def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Run:
+    """Towers, loss and objective, the DeepSpeed engine, the eval suite and the loggers."""
+    seed_everything(cfg.seed)
+    run_dir = RunDir(cfg.paths.run_dir)
+    bundle = build_towers(cfg.model)
+    check_captioning(inputs.eval_specs, bundle.model, zero_stage=cfg.trainer.zero_stage, world_size=dist.world_size)
+    loss = build_loss(cfg.loss, bundle)
+    objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed,
+                                loss_name=cfg.loss.name)
+    engine = build_engine(objective, optim_cfg=cfg.optim, sched_cfg=cfg.sched, trainer_cfg=cfg.trainer,
+                          global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size)
+    if dist.is_main:
+        _write_run_files(run_dir, cfg, bundle)
+    announce(cfg, dist, bundle, run_dir)
+    suite = EvalSuite(inputs.eval_specs, preprocess=bundle.preprocess_val, tokenizer=bundle.tokenizer,
+                      batch_size=cfg.eval.batch_size, out_dir=run_dir.eval, model_name=bundle.name,
+                      search=inputs.eval_search, scorer=build_scorer(cfg.eval.get("scoring", "auto"), loss.needs))
+    loggers = build_loggers(OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.wandb else None,
+                            run_dir=run_dir, run_name=cfg.run_name,
+                            config=OmegaConf.to_container(cfg, resolve=True), is_main=dist.is_main)
+    checkpointer = Checkpointer(run_dir.checkpoints, keep_last=cfg.trainer.keep_last_checkpoints)
+    return Run(cfg, inputs, dist, run_dir, bundle, objective, engine, checkpointer, suite, loggers)
+
+
+def resume(run: Run, tag: str | None) -> None:
+    """Loads checkpoint `tag` (None: a fresh start) into the engine and opens the training data
+    at the saved position: `run.start_step` and `run.loader` are set."""
+    cfg = run.cfg
+    data_seed, data_state = cfg.seed, None
+    if tag is not None:
+        client_state = run.checkpointer.load(run.engine, tag)
+        run.start_step, data_state = int(client_state["step"]), client_state.get("data")
+        if data_state is None:
+            # Checkpoints from before exact resume: reshuffle rather than replay step 0's data.
+            log.warning("checkpoint %s has no data position; the data stream restarts from a new seed", tag)
+            data_seed = cfg.seed + 7919 * run.start_step
+    run.loader = build_train_loader(
+        cfg.data, run.inputs.sources, preprocess=run.bundle.preprocess_train, tokenize=run.bundle.tokenizer,
+        rank=run.dist.rank, world_size=run.dist.world_size, seed=data_seed, resume=data_state,
+        keys_dir=run.run_dir.data_keys if cfg.data.get("record_keys") else None,
+        worker_init_fn=ignore_preemption_signals)
+    if data_state is not None and run.loader.batches != run.start_step:
+        # One batch per step per rank: anything else means the checkpoint is inconsistent.
+        raise ClipkitConfigError(f"checkpoint {tag}: data position {run.loader.batches} batches, step {run.start_step}")
+
+
+def fit(run: Run) -> None:
+    """Trains from `run.start_step` to `trainer.max_steps`; on a preemption signal, checkpoints,
+    requeues the SLURM job when `launcher.requeue`, and raises `Preempted` on every rank."""
+    cfg, loader = run.cfg, run.loader
     settings = TrainerSettings(
         max_steps=cfg.trainer.max_steps, global_batch_size=cfg.data.global_batch_size,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         checkpoint_every_n_steps=cfg.trainer.checkpoint_every_n_steps,
         eval_every_n_steps=cfg.eval.every_n_steps, progress_bar=cfg.trainer.progress_bar)
-    watch = PreemptionWatch(preempt_signals) if preempt_signals else None
-    trainer = Trainer(engine, loader, settings, checkpointer=checkpointer, loggers=loggers,
-                      evaluate=evaluate if eval_specs else None,
+    signals = run.inputs.preempt_signals
+    watch = PreemptionWatch(signals) if signals else None
+    trainer = Trainer(run.engine, loader, settings, checkpointer=run.checkpointer, loggers=run.loggers,
+                      evaluate=run.evaluate if run.inputs.eval_specs else None,
                       client_state=lambda step: {"step": step, "data": loader.gather_state()},
                       data_stats=loader.stats, preemption=watch)
     try:
-        trainer.fit(start_step)
+        trainer.fit(run.start_step)
     finally:
         if watch is not None:
             watch.close()
     if trainer.preempted_at is not None:
         # The checkpoint is complete on every rank (its `latest` marker flipped), so the job can go.
-        requeued = bool(info.is_main and cfg.launcher.get("requeue") and requeue_slurm_job())
+        requeued = bool(run.dist.is_main and cfg.launcher.get("requeue") and requeue_slurm_job())
         distributed.barrier()  # no rank exits (srun --kill-on-bad-exit would end the step) before the requeue
-        loggers.log({"step": trainer.preempted_at, "preempted": 1.0})
-        loggers.close()
+        run.loggers.log({"step": trainer.preempted_at, "preempted": 1.0})
+        run.loggers.close()
         raise Preempted(trainer.preempted_at, requeued)
-    final = evaluate(settings.max_steps) if eval_specs else {}
-    if final:
-        loggers.log({"step": settings.max_steps, **final})
 
+
+def finish(run: Run) -> dict[str, float]:
+    """The final eval (also for an already-finished run), export, curves and the results table."""
+    max_steps = run.cfg.trainer.max_steps
+    final = run.evaluate(max_steps) if run.inputs.eval_specs else {}
+    if final:
+        run.loggers.log({"step": max_steps, **final})
     distributed.barrier()
-    if info.is_main:
-        if cfg.trainer.export_open_clip:
-            export_open_clip(run_dir)
-        if (run_dir / "metrics.jsonl").exists():
-            plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
-        if eval_specs:
-            print(suite.results_table(), flush=True)
-    loggers.close()
+    if run.dist.is_main:
+        if run.cfg.trainer.export_open_clip:
+            export_open_clip(run.run_dir.root)
+        if run.run_dir.metrics.exists():
+            plot_training_curves(run.run_dir.metrics, run.run_dir.curves)
+        if final:
+            print(run.suite.results_table(), flush=True)
+    run.loggers.close()
     distributed.barrier()
     return final
+
+
+def run_training(cfg: DictConfig) -> dict[str, Any]:
+    """The whole job: returns the final eval metrics (`{set/metric: value}`)."""
+    inputs = check_inputs(cfg)
+    run = build_run(cfg, inputs, init_distributed(cfg.launcher))
+    resume(run, inputs.resume_tag)
+    fit(run)
+    return finish(run)

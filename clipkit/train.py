@@ -13,14 +13,23 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from clipkit.config import CONF_DIR, preflight
+from clipkit.config import CONF_DIR, preflight, resolve_step_budget
 from clipkit.errors import ClipkitConfigError
+
+
+def check(cfg: DictConfig) -> None:
+    """The checks `preflight` runs on the composed config, before Hydra makes a run directory."""
+    from clipkit.recipe import check_inputs  # deferred: a bad override fails before torch is imported
+
+    resolve_step_budget(cfg)
+    check_inputs(cfg)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Runs one training job from a composed config; returns the final eval metrics."""
     from clipkit.recipe import run_training  # deferred: keeps config errors fast
 
+    resolve_step_budget(cfg)
     return run_training(cfg)
 
 
@@ -39,7 +48,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    preflight("clipkit-train", "train", sys.argv[1:])
+    sys.argv[1:] = preflight("clipkit-train", "train", sys.argv[1:], check=check)
     _hydra_main()
 
 

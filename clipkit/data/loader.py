@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from clipkit import distributed
-from clipkit.checkpoint import atomic_write_text
 from clipkit.data.decode import Preprocess
 from clipkit.data.stream import MODES, ShardStream, StreamPosition, StreamSettings, Tokenize, check_enough_shards
 from clipkit.data.tar_reader import SKIP_REASONS
 from clipkit.data.urls import Source, expand_sources
 from clipkit.errors import ClipkitConfigError
-from clipkit.preemption import ignore_preemption_signals
+from clipkit.run_dir import atomic_write_text
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -114,8 +113,12 @@ class TrainLoader:
 
     def __init__(self, sources: Sequence[Source], settings: StreamSettings, *, preprocess: Preprocess,
                  tokenize: Tokenize, num_workers: int, rank: int, world_size: int, seed: int,
-                 state: dict[str, Any] | None = None, keys_path: Path | None = None):
+                 state: dict[str, Any] | None = None, keys_path: Path | None = None,
+                 worker_init_fn: Callable[[int], None] | None = None):
+        """`worker_init_fn` runs in each data worker (the recipe passes
+        `clipkit.preemption.ignore_preemption_signals`)."""
         self.sources = list(sources)
+        self.worker_init_fn = worker_init_fn
         self.settings = settings
         self.preprocess = preprocess
         self.tokenize = tokenize
@@ -190,7 +193,7 @@ class TrainLoader:
                               positions=[StreamPosition(*p) for p in self.positions])
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=ignore_preemption_signals if self.num_workers else None)
+                            worker_init_fn=self.worker_init_fn if self.num_workers else None)
         batches = iter(loader)
         try:
             for images, tokens, meta in batches:
@@ -207,7 +210,7 @@ class TrainLoader:
 def _stop_workers(batches: Iterator) -> None:
     """Stops a DataLoader iterator's worker processes now, whatever ended the iteration.
 
-    The workers ignore SIGTERM (`ignore_preemption_signals`), so neither DataLoader's
+    The workers may ignore SIGTERM (the recipe's `worker_init_fn`), so neither DataLoader's
     terminate() fallback nor multiprocessing's at-exit terminate can stop one; left to the
     garbage collector (an error's traceback keeps the iterator alive), a live worker made
     the interpreter's exit wait on it forever. The orderly shutdown sends each worker its
@@ -234,7 +237,8 @@ def rank_state(resume: dict[str, Any], rank: int, world_size: int) -> dict[str, 
 
 def build_train_loader(data_cfg: DictConfig, sources: Sequence[Source], *, preprocess: Preprocess,
                        tokenize: Tokenize, rank: int, world_size: int, seed: int,
-                       resume: dict[str, Any] | None = None, keys_dir: Path | None = None) -> TrainLoader:
+                       resume: dict[str, Any] | None = None, keys_dir: Path | None = None,
+                       worker_init_fn: Callable[[int], None] | None = None) -> TrainLoader:
     """`data:` section -> the rank's `TrainLoader`, continuing from `resume` (a checkpoint's data state).
 
     `sources` come from `build_sources(data_cfg)`, checked before the process group exists.
@@ -243,4 +247,5 @@ def build_train_loader(data_cfg: DictConfig, sources: Sequence[Source], *, prepr
     settings = stream_settings(data_cfg, world_size=world_size, saved=saved)
     return TrainLoader(sources, settings, preprocess=preprocess, tokenize=tokenize,
                        num_workers=int(data_cfg.workers), rank=rank, world_size=world_size, seed=seed, state=saved,
-                       keys_path=keys_dir / f"rank{rank:05d}.jsonl" if keys_dir is not None else None)
+                       keys_path=keys_dir / f"rank{rank:05d}.jsonl" if keys_dir is not None else None,
+                       worker_init_fn=worker_init_fn)

@@ -31,6 +31,47 @@ class EmbeddedSet:
     labels: torch.Tensor
 
 
+@dataclass
+class TokenEmbeddings:
+    """FILIP token features of an eval set (CPU), for late-interaction scoring.
+
+    image_tokens: [N, N_img, D] float32, each token L2-normalized.
+    text_tokens: [M, L, D] float32, each token L2-normalized; text_mask: [M, L] bool, True on real tokens.
+    text_image_index, labels: as in EmbeddedSet.
+
+    To reuse the pooled path's embedding, gather and cache machinery, each item travels as one
+    vector: an image as its flattened [N_img·D] tokens, a caption as its [L·D] tokens followed
+    by its [L] 0/1 mask (`pack_images`, `pack_texts`); `unpack` inverts it.
+    """
+
+    image_tokens: torch.Tensor
+    text_tokens: torch.Tensor
+    text_mask: torch.Tensor
+    text_image_index: torch.Tensor
+    labels: torch.Tensor
+
+    @staticmethod
+    def pack_images(tokens: torch.Tensor) -> torch.Tensor:
+        """[b, N_img, D] -> [b, N_img·D]."""
+        return tokens.flatten(1)
+
+    @staticmethod
+    def pack_texts(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[b, L, D], [b, L] bool -> [b, L·D + L]."""
+        return torch.cat([tokens.flatten(1), mask.float()], dim=1)
+
+    @classmethod
+    def unpack(cls, packed: EmbeddedSet, dim: int) -> TokenEmbeddings:
+        """The inverse of the packing, on CPU. The embedding path L2-normalizes each packed row, a
+        uniform scale per row, so re-normalizing each token restores it exactly."""
+        images, texts = packed.image_emb.cpu(), packed.text_emb.cpu()
+        length = texts.shape[1] // (dim + 1)
+        text_tokens = texts[:, : length * dim].reshape(len(texts), length, dim)
+        return cls(image_tokens=F.normalize(images.reshape(len(images), -1, dim), dim=-1),
+                   text_tokens=F.normalize(text_tokens, dim=-1), text_mask=texts[:, length * dim:] > 0,
+                   text_image_index=packed.text_image_index.cpu(), labels=packed.labels.cpu())
+
+
 def embed_eval_set(
     batches: Iterable[EvalBatch],
     encode_image: Callable[[torch.Tensor], torch.Tensor],

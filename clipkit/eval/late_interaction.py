@@ -62,27 +62,29 @@ def late_interaction_metrics(sim: Similarity, *, image_tokens: torch.Tensor, tas
                              class_mask: torch.Tensor | None = None, num_classes: int = 0,
                              text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
                              text_image_index: torch.Tensor | None = None,
-                             recall_k: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
+                             recall_k: Sequence[int] = (1, 5, 10),
+                             tie_atol: float = TIE_ATOL) -> dict[str, dict[str, float]]:
     """{task: metrics} for "zeroshot_classification" and/or "retrieval" (CLIP_benchmark names).
 
     Args:
         image_tokens: [N, N_img, D]. labels: [N] int. class_tokens/class_mask: the
             class-major template captions (see `zeroshot_scores`), `num_classes` classes.
         text_tokens: [M, L, D], text_mask [M, L], text_image_index [M]: the captions.
+        tie_atol: wrong items scoring within this of the correct one count as ahead (`eval.tie_tolerance`).
     """
     results: dict[str, dict[str, float]] = {}
     if "zeroshot_classification" in tasks:
         scores = zeroshot_scores(sim, image_tokens, class_tokens, class_mask, num_classes)
         labels = labels.numpy().astype(np.int64)
-        ranks = ranks_from_scores(scores.numpy(), np.arange(len(labels)), labels)
+        ranks = ranks_from_scores(scores.numpy(), np.arange(len(labels)), labels, tie_atol=tie_atol)
         results["zeroshot_classification"] = classification_metrics(ranks, labels, num_classes)
     if "retrieval" in tasks:
         owners = text_image_index.numpy().astype(np.int64)
         captions = np.arange(len(owners))
         t2i = blockwise_scores(sim, text_tokens, text_mask, image_tokens, None).numpy()
         i2t = blockwise_scores(sim, image_tokens, None, text_tokens, text_mask).numpy()
-        image_ranks = ranks_from_scores(t2i, captions, owners)
-        text_ranks = ranks_from_scores(i2t, owners, captions)
+        image_ranks = ranks_from_scores(t2i, captions, owners, tie_atol=tie_atol)
+        text_ranks = ranks_from_scores(i2t, owners, captions, tie_atol=tie_atol)
         has_caption = np.bincount(owners, minlength=len(image_tokens)) > 0
         results["retrieval"] = {**rank_metrics(image_ranks, "image_retrieval", recall_k),
                                 **rank_metrics(text_ranks[has_caption], "text_retrieval", recall_k)}

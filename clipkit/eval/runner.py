@@ -15,7 +15,8 @@ import torch
 
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval.embed import EmbeddedSet
-from clipkit.eval.metrics import classification_metrics, positive_ranks, retrieval_metrics, retrieval_metrics_exact
+from clipkit.eval.metrics import (TIE_ATOL, classification_metrics, positive_ranks, retrieval_metrics,
+                                  retrieval_metrics_exact)
 from clipkit.eval.search import (APPROX_INDEXES, approximate_topk, build_index, recall_vs_exact, set_search_params,
                                  topk_inner_product)
 
@@ -31,6 +32,8 @@ class SearchConfig:
         one of APPROX_INDEXES or a raw FAISS factory string (recall@k only, reported
         with `*_search_recall_vs_exact@k` on `sample_for_recall` seeded queries).
     nprobe: IVF lists probed per query. ef_search: HNSW's search breadth.
+    tie_tolerance: (`eval.tie_tolerance`) a wrong item scoring at least the correct one's score
+        minus this counts as ahead of it; 0 counts exact ties only (see `clipkit.eval.metrics`).
     """
 
     index: str = "flat"
@@ -38,6 +41,7 @@ class SearchConfig:
     ef_search: int = 64
     sample_for_recall: int = 1000
     seed: int = 0
+    tie_tolerance: float = TIE_ATOL
 
     def __post_init__(self) -> None:
         if self.index != "flat" and self.index not in APPROX_INDEXES and "," not in self.index \
@@ -46,6 +50,8 @@ class SearchConfig:
                                      "or a FAISS factory string such as 'IVF256,Flat'")
         if self.nprobe < 1 or self.ef_search < 1 or self.sample_for_recall < 1:
             raise ClipkitConfigError("eval.search.nprobe, ef_search and sample_for_recall must be >= 1")
+        if not self.tie_tolerance >= 0:
+            raise ClipkitConfigError(f"eval.tie_tolerance must be >= 0, got {self.tie_tolerance}")
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -85,7 +91,8 @@ def evaluate_embedded(
         if len(labels) == 0 or labels.min() < 0 or labels.max() >= len(classifier):
             raise ClipkitConfigError(f"zeroshot_classification needs a label in [0, {len(classifier)}) for every image; "
                                      "drop the task for sets without class labels")
-        ranks = positive_ranks(images, _np(classifier.float()), np.arange(len(images)), labels)
+        ranks = positive_ranks(images, _np(classifier.float()), np.arange(len(images)), labels,
+                               tie_atol=(search or SearchConfig()).tie_tolerance)
         results["zeroshot_classification"] = classification_metrics(ranks, labels, len(classifier))
     if "retrieval" in tasks:
         if len(emb.text_emb) == 0:
@@ -93,7 +100,8 @@ def evaluate_embedded(
         texts, owners = _np(emb.text_emb.float()), _np(emb.text_image_index)
         search = search or SearchConfig()
         if search.index == "flat":
-            results["retrieval"] = retrieval_metrics_exact(texts, images, owners, RECALL_K)
+            results["retrieval"] = retrieval_metrics_exact(texts, images, owners, RECALL_K,
+                                                           tie_atol=search.tie_tolerance)
         else:
             results["retrieval"] = approximate_retrieval(texts, images, owners, search, use_gpu=use_gpu)
     return results
@@ -126,7 +134,8 @@ def approximate_retrieval(texts: np.ndarray, images: np.ndarray, owners: np.ndar
         _, exact = topk_inner_product(queries[rows], gallery, k, use_gpu=use_gpu)
         out[f"{name}_search_recall_vs_exact@{k}"] = recall_vs_exact(ids[rows], exact, k)
     (s_t2i, t2i), (s_i2t, i2t) = lists["image_retrieval"], lists["text_retrieval"]
-    metrics = retrieval_metrics(t2i, i2t, owners, RECALL_K, text_to_image_scores=s_t2i, image_to_text_scores=s_i2t)
+    metrics = retrieval_metrics(t2i, i2t, owners, RECALL_K, text_to_image_scores=s_t2i, image_to_text_scores=s_i2t,
+                                tie_atol=search.tie_tolerance)
     return {**metrics, **out}
 
 

@@ -23,11 +23,12 @@ from clipkit.data.eval_reader import clip_benchmark_set
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval import datasets
 from clipkit.eval.cache import cache_path, load_embedded, save_embedded
-from clipkit.eval.embed import EmbeddedSet, embed_eval_set, gather_embedded_set
+from clipkit.eval.embed import EmbeddedSet, TokenEmbeddings, embed_eval_set, gather_embedded_set
 from clipkit.eval.runner import (TASKS, SearchConfig, evaluate_embedded, format_results_table,
                                  write_benchmark_json)
 from clipkit.eval.captioning import evaluate_captioning
 from clipkit.eval.late_interaction import late_interaction_metrics
+from clipkit.eval.scoring import LateInteraction, PooledCosine, Scorer
 from clipkit.eval.zeroshot import zeroshot_classifier
 
 # clip_benchmark: a directory in CLIP_benchmark's webdataset layout (its --dataset_root), read as urls.
@@ -79,7 +80,12 @@ def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
         if source == "urls":
             urls = expand_urls(s["urls"])
         elif source == "clip_benchmark":
-            urls, dataset_type = clip_benchmark_set(str(s["clip_benchmark"]), str(s.get("split") or "test"))
+            try:
+                urls, dataset_type = clip_benchmark_set(str(s["clip_benchmark"]), str(s.get("split") or "test"))
+            except ClipkitConfigError as err:
+                raise ClipkitConfigError(f"eval.sets.{name}.clip_benchmark: {err}; write the set there (the demo's: "
+                                         f"clipkit-shards digits <data_dir>/digits), point the key elsewhere, or "
+                                         f"run without evals: eval=none") from None
             source = "urls"
         else:
             path = str(s[source])
@@ -129,11 +135,13 @@ def check_captioning(specs: list[EvalSetSpec], model: nn.Module, *, zero_stage: 
 
 
 def build_search_config(eval_cfg: Any) -> SearchConfig:
-    """`eval.search` -> SearchConfig, for `clipkit-eval` and training-time evals alike.
+    """`eval.search` and `eval.tie_tolerance` -> SearchConfig, for `clipkit-eval` and training-time evals alike.
 
     A config without `search` (written before it existed) gets exact search.
     """
     search = dict(eval_cfg.get("search") or {})
+    if eval_cfg.get("tie_tolerance") is not None:
+        search["tie_tolerance"] = float(eval_cfg.tie_tolerance)
     unknown = sorted(set(search) - {f.name for f in fields(SearchConfig)})
     if unknown:
         raise ClipkitConfigError(f"eval.search: unknown key(s) {unknown}; "
@@ -146,8 +154,11 @@ class EvalSuite:
 
     def __init__(self, specs: list[EvalSetSpec], *, preprocess: Callable, tokenizer: Callable,
                  batch_size: int, out_dir: Path | None, model_name: str, pretrained: str = "clipkit",
-                 search: SearchConfig | None = None, cache_dir: str | Path | None = None):
+                 search: SearchConfig | None = None, cache_dir: str | Path | None = None,
+                 scorer: Scorer | None = None):
+        """`scorer` (`clipkit.eval.scoring.build_scorer`): pooled cosine by default, or FILIP late interaction."""
         self.specs = specs
+        self.scorer = scorer or PooledCosine()
         self.search = search or SearchConfig()
         self.cache_dir = cache_dir
         self.preprocess = preprocess
@@ -202,29 +213,16 @@ class EvalSuite:
         return emb
 
     def _token_encoders(self, objective: nn.Module, device: torch.device):
-        """FILIP token features packed into one vector per item, so the embedding, gather and
-        cache machinery of the pooled path carries them: an image is its [N·D] tokens; a
-        caption its [L·D] tokens followed by its [L] 0/1 mask. `_unpack_tokens` inverts it."""
+        """FILIP token features packed into one vector per item (`TokenEmbeddings.pack_*`), so the
+        embedding, gather and cache machinery of the pooled path carries them."""
         def encode_image(images: torch.Tensor) -> torch.Tensor:
-            return objective.encode_image_tokens(images.to(device)).flatten(1)
+            return TokenEmbeddings.pack_images(objective.encode_image_tokens(images.to(device)))
 
         def encode_text(texts: list[str]) -> torch.Tensor:
-            packed = []
-            for i in range(0, len(texts), self.batch_size):
-                tokens, mask = objective.encode_text_tokens(self.tokenizer(texts[i:i + self.batch_size]).to(device))
-                packed.append(torch.cat([tokens.flatten(1), mask.float()], dim=1))
-            return torch.cat(packed)
+            return torch.cat([TokenEmbeddings.pack_texts(*objective.encode_text_tokens(
+                self.tokenizer(texts[i:i + self.batch_size]).to(device)))
+                for i in range(0, len(texts), self.batch_size)])
         return encode_image, encode_text
-
-    @staticmethod
-    def _unpack_tokens(packed: torch.Tensor, dim: int, with_mask: bool):
-        """Inverse of the packing above. The embedding path L2-normalizes each packed row, a
-        uniform scale per row, so re-normalizing each token restores it exactly."""
-        if not with_mask:
-            return F.normalize(packed.reshape(len(packed), -1, dim), dim=-1), None
-        length = packed.shape[1] // (dim + 1)
-        tokens = packed[:, : length * dim].reshape(len(packed), length, dim)
-        return F.normalize(tokens, dim=-1), packed[:, length * dim:] > 0
 
     def _late_interaction(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device,
                           tag: str | None) -> dict[str, dict[str, float]]:
@@ -239,27 +237,26 @@ class EvalSuite:
                                     num_classes=len(spec.classnames))
             dim = objective.encode_text_tokens(self.tokenizer(["a"]).to(device))[0].shape[-1]
         emb = self._embedded(spec, encode_image, encode_text, device, tag and f"{tag}-tokens")
-        image_tokens, _ = self._unpack_tokens(emb.image_emb.cpu(), dim, with_mask=False)
-        text_tokens, text_mask = self._unpack_tokens(emb.text_emb.cpu(), dim, with_mask=True)
-        return late_interaction_metrics(objective.loss.similarity, image_tokens=image_tokens, tasks=tasks,
-                                        labels=emb.labels.cpu(), text_tokens=text_tokens, text_mask=text_mask,
-                                        text_image_index=emb.text_image_index.cpu(), **class_kwargs)
+        tokens = TokenEmbeddings.unpack(emb, dim)
+        return late_interaction_metrics(self.scorer.similarity, image_tokens=tokens.image_tokens, tasks=tasks,
+                                        labels=tokens.labels, text_tokens=tokens.text_tokens,
+                                        text_mask=tokens.text_mask, text_image_index=tokens.text_image_index,
+                                        tie_atol=self.search.tie_tolerance, **class_kwargs)
 
     def run(self, objective: nn.Module, *, device: torch.device | str, step: int | None = None,
             tag: str | None = None) -> dict[str, float]:
         """Scores every set; `tag` (or "step_<step>") names the checkpoint in the embedding cache key.
 
-        A FILIP objective (its loss needs token features) is scored by token-wise late
-        interaction; a set with the `captioning` task also gets caption CE, BLEU-4 and CIDEr.
+        The suite's scorer decides pooled cosine or FILIP's token-wise late interaction; a set
+        with the `captioning` task also gets caption CE, BLEU-4 and CIDEr.
         """
         device = torch.device(device)
         tag = tag if tag is not None else (f"step_{step}" if step is not None else None)
         encode_image, encode_text = self._encoders(objective, device)
-        token_wise = "image_tokens" in getattr(getattr(objective, "loss", None), "needs", ())
         results: dict[str, dict[str, dict[str, float]]] = {}
         for spec in self.specs:
             tasks = [t for t in spec.tasks if t != "captioning"]
-            if token_wise:
+            if isinstance(self.scorer, LateInteraction):
                 results[spec.name] = self._late_interaction(spec, objective, device, tag)
             else:
                 with torch.no_grad():

@@ -14,7 +14,9 @@ when a checkpoint supplied them. Keeping them off the model also spares DeepSpee
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,24 @@ def open_clip_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """Drops open_clip's root-logger warning "No pretrained weights loaded ... initialized
+    randomly" (random init is clipkit's default, not news); every other record passes."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    targets = [root, *root.handlers]
+    for target in targets:
+        target.addFilter(keep)
+    try:
+        yield
+    finally:
+        for target in targets:
+            target.removeFilter(keep)
+
+
 def build_model(name: str, *, pretrained: str | None = None, config: dict[str, Any] | None = None,
                 precision: str = "fp32", patch_dropout: float = 0.0) -> ModelBundle:
     """Creates the towers, train/val transforms and tokenizer for one architecture.
@@ -76,8 +96,9 @@ def build_model(name: str, *, pretrained: str | None = None, config: dict[str, A
         raise ClipkitConfigError(f"model.pretrained file not found: {pretrained}")
     if not 0.0 <= patch_dropout < 1.0:
         raise ClipkitConfigError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, precision=precision, force_patch_dropout=patch_dropout or None)
+    with _without_random_init_warning():  # the recipe says it once, in clipkit's words
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, precision=precision, force_patch_dropout=patch_dropout or None)
     tokenizer = open_clip.get_tokenizer(name)
 
     scale = bias = None

@@ -11,9 +11,10 @@ from omegaconf import OmegaConf
 
 from clipkit.config import CONF_DIR
 from clipkit.data import build_sources
-from clipkit.engine import build_optimizer, cosine_with_warmup, render_deepspeed_config
+from clipkit.engine import build_optimizer, build_schedule, render_deepspeed_config
 from clipkit.eval.suite import build_eval_specs, build_search_config
 from clipkit.loggers import build_loggers
+from clipkit.run_dir import RunDir
 from clipkit.recipe import build_loss, build_objective, build_towers
 
 GROUPS = ["model", "loss", "data", "optim", "sched", "trainer", "eval", "logger", "launcher", "experiment", "debug"]
@@ -54,8 +55,7 @@ def test_option_composes_and_builds(group, option, digits_root, demo_export, tmp
         assert ds["zero_optimization"]["stage"] == cfg.trainer.zero_stage
         opt = build_optimizer(torch.nn.Linear(3, 3), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                               betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        cosine_with_warmup(opt, warmup_steps=cfg.sched.warmup_steps, total_steps=cfg.trainer.max_steps,
-                           min_lr_ratio=cfg.sched.min_lr_ratio)
+        build_schedule(opt, cfg.sched, total_steps=cfg.trainer.max_steps)
     if group in ("data", "experiment", "debug"):
         sources = build_sources(cfg.data)
         assert sources and all(source.urls for source in sources)
@@ -64,7 +64,7 @@ def test_option_composes_and_builds(group, option, digits_root, demo_export, tmp
         assert build_search_config(cfg.eval).index == "flat"  # exact unless asked otherwise
     if group == "logger":
         wandb_cfg = OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.wandb else None
-        loggers = build_loggers(wandb_cfg, run_dir=tmp_path, run_name=f"compose-{option}", config={}, is_main=True)
+        loggers = build_loggers(wandb_cfg, run_dir=RunDir(tmp_path), run_name=f"compose-{option}", config={}, is_main=True)
         loggers.log({"step": 1, "train/loss": 1.0})
         loggers.close()
         assert (tmp_path / "metrics.jsonl").read_text().strip()

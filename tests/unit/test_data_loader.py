@@ -15,6 +15,7 @@ from clipkit.data.loader import TrainLoader, build_sources, build_train_loader, 
 from clipkit.data.stream import StreamSettings
 from clipkit.data.urls import Source
 from clipkit.errors import ClipkitConfigError
+from clipkit.preemption import ignore_preemption_signals
 
 
 def noisy_preprocess(image):
@@ -29,7 +30,8 @@ def settings(mode, **kw):
 
 def loader(sources, mode, workers, rank, state=None, keys_path=None, **kw):
     return TrainLoader(sources, settings(mode, **kw), preprocess=noisy_preprocess, tokenize=tokenize,
-                       num_workers=workers, rank=rank, world_size=2, seed=7, state=state, keys_path=keys_path)
+                       num_workers=workers, rank=rank, world_size=2, seed=7, state=state, keys_path=keys_path,
+                       worker_init_fn=ignore_preemption_signals)  # as training runs them
 
 
 def take(train_loader, n):
@@ -161,13 +163,14 @@ def _live_children() -> set[int]:
 
 
 def test_workers_are_stopped_when_an_error_or_an_early_stop_ends_the_iteration(tmp_path, two_sources):
-    """Workers ignore SIGTERM (preemption), so neither DataLoader's terminate() fallback nor
+    """Training's workers ignore SIGTERM (preemption), so neither DataLoader's terminate() fallback nor
     multiprocessing's at-exit terminate can stop one: a worker the loader left behind made the
     interpreter's exit wait on it forever (a CI run hung there after its last test)."""
     before = _live_children()
     (tmp_path / "a.tar").write_bytes(b"not a tar" * 100)
     broken = TrainLoader([Source("s", (str(tmp_path / "a.tar"),))], StreamSettings(batch_size=2, streams_per_rank=1),
-                         preprocess=preprocess, tokenize=tokenize, num_workers=1, rank=0, world_size=1, seed=0)
+                         preprocess=preprocess, tokenize=tokenize, num_workers=1, rank=0, world_size=1, seed=0,
+                         worker_init_fn=ignore_preemption_signals)
     # `caught` keeps the error's traceback, and through it the iterator, alive (as in the hung run).
     with pytest.raises(ClipkitConfigError) as caught:
         next(iter(broken))

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from clipkit.engine import build_optimizer, cosine_with_warmup, param_groups, render_deepspeed_config
+from clipkit.engine import build_optimizer, build_schedule, cosine_with_warmup, param_groups, render_deepspeed_config
 from clipkit.errors import ClipkitConfigError
 from clipkit.losses import SigLipLoss
 from clipkit.objective import ContrastiveObjective
@@ -53,3 +54,16 @@ def test_cosine_schedule_warms_up_then_decays_to_min():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] > 0.1 - 1e-9
+
+
+def test_constant_schedule_warms_up_then_holds_and_names_are_checked():
+    opt = build_optimizer(torch.nn.Linear(2, 2), lr=1.0, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
+    sched = build_schedule(opt, OmegaConf.create({"name": "constant", "warmup_steps": 4}), total_steps=50)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and set(lrs[3:]) == {1.0}
+    with pytest.raises(ClipkitConfigError, match="sched.name='linear' is not one of cosine, constant"):
+        build_schedule(opt, OmegaConf.create({"name": "linear", "warmup_steps": 4}), total_steps=50)

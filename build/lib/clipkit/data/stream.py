@@ -1,0 +1,266 @@
+"""The training stream: per rank, K deterministic sample streams, interleaved one batch at a time.
+
+`data.mode` picks how a stream finds its shards:
+  epoch      each shard once per epoch. The shard list is shuffled with (seed, epoch), the
+             same on every rank, dealt to the ranks and then to the K streams of each rank.
+  resampled  shards drawn with replacement: a source by `data.weights` (sources are the
+             `::`-joined parts of `data.train_urls`), then one of its shards uniformly, from
+             an RNG seeded by (seed, virtual epoch, rank, stream). A virtual epoch is
+             `data.epoch_samples` samples over all ranks.
+Each stream passes its samples through its own shuffle buffer, seeded by (seed, epoch, rank, stream).
+
+Exact resume rests on this: the samples of stream k are a pure function of (seed, epoch,
+rank, k) and a position within the epoch, counted in samples that left the shuffle buffer
+(before the image is decoded, so skipping ahead decodes nothing). Batch i of a rank is
+stream i % K's next batch, whichever dataloader worker builds it, so the rank's batch
+sequence does not depend on the number of workers W as long as W divides K
+(`data.streams_per_rank`, by default the workers of the run's first launch).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from clipkit.data.decode import DECODE_ERRORS, ImageDecoder, Preprocess
+from clipkit.data.tar_reader import RawSample, ShardReader
+from clipkit.data.urls import Source
+from clipkit.errors import ClipkitConfigError
+
+Tokenize = Callable[[list[str]], torch.Tensor]
+MODES = ("epoch", "resampled")
+# A stream that decodes nothing for this long is reading the wrong members or broken data.
+MAX_UNDECODABLE_IN_A_ROW = 1000
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Plain-typed view of the `data:` config section (see `conf/data/webdataset.yaml`)."""
+
+    batch_size: int                      # per rank
+    mode: str = "epoch"
+    streams_per_rank: int = 1
+    shuffle_buffer: int = 1000
+    epoch_samples: int | None = None     # resampled: virtual epoch length over all ranks
+    open_retries: int = 3
+    retry_delay_s: float = 2.0
+    jpeg_draft: bool = True
+    image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    text_ext: str = "txt"
+
+
+@dataclass
+class StreamPosition:
+    """Where a stream resumes: `offset` samples of `epoch` have been consumed."""
+
+    epoch: int = 0
+    offset: int = 0
+
+
+def check_enough_shards(num_shards: int, world_size: int, streams_per_rank: int) -> None:
+    """Epoch mode: raises unless every (rank, stream) gets at least one shard per epoch."""
+    readers = world_size * streams_per_rank
+    if num_shards < readers:
+        raise ClipkitConfigError(
+            f"{num_shards} shards cannot feed {world_size} ranks x {streams_per_rank} data streams "
+            f"= {readers} readers in data.mode=epoch; write more shards (smaller shard_size), lower "
+            f"data.workers, or use data.mode=resampled")
+
+
+def _shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """Yields `items` through a random-eviction buffer of `buffer_size` (<=1 keeps order)."""
+    buffer: list[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= buffer_size:
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def batch_seed(seed: int, rank: int, stream: int, batch: int) -> int:
+    """Seed of the augmentation RNG for one batch, so a resumed run augments identically."""
+    return random.Random(f"augment/{seed}/{rank}/{stream}/{batch}").getrandbits(63)
+
+
+class _Cursor:
+    """One stream inside a worker: its sample iterator and the skips since its last batch."""
+
+    def __init__(self, reader: ShardReader, samples: Iterator[tuple[int, int, RawSample]]):
+        self.reader = reader
+        self.samples = samples
+        self.undecodable_in_a_row = 0
+
+
+class ShardStream(IterableDataset):
+    """Endless batches `(images [B,3,H,W] float32, tokens [B,L] int64, meta)` for one rank.
+
+    `start_batch` batches were consumed before; `positions[k]` is stream k's position after
+    them. `meta` says which batch this is and where its stream stands after it:
+    `{"index", "stream", "epoch", "offset", "keys", "sources": [count per source],
+    "skipped": {reason: count since the stream's previous batch}}`.
+    """
+
+    def __init__(self, sources: Sequence[Source], settings: StreamSettings, *, preprocess: Preprocess,
+                 tokenize: Tokenize, rank: int, world_size: int, seed: int, start_batch: int = 0,
+                 positions: Sequence[StreamPosition] | None = None):
+        super().__init__()
+        if settings.mode not in MODES:
+            raise ClipkitConfigError(f"data.mode must be one of {'|'.join(MODES)}, got {settings.mode!r}")
+        self.sources = list(sources)
+        self.settings = settings
+        self.decoder = ImageDecoder(preprocess, jpeg_draft=settings.jpeg_draft)
+        self.tokenize = tokenize
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_batch = start_batch
+        k = settings.streams_per_rank
+        self.positions = list(positions) if positions is not None else [StreamPosition() for _ in range(k)]
+        if len(self.positions) != k:
+            raise ClipkitConfigError(f"{len(self.positions)} stream positions for {k} streams per rank")
+        self.shards = [(url, i) for i, source in enumerate(self.sources) for url in source.urls]
+        if settings.mode == "epoch":
+            check_enough_shards(len(self.shards), world_size, k)
+        elif not settings.epoch_samples or settings.epoch_samples < 1:
+            raise ClipkitConfigError("data.mode=resampled needs data.epoch_samples (virtual epoch length in samples)")
+
+    # -- which shards a stream reads ------------------------------------------------------
+
+    def shards_for(self, epoch: int, stream: int) -> list[tuple[str, int]]:
+        """Epoch mode: `(url, source)` of this rank's `stream`-th share of epoch `epoch`."""
+        shards = list(self.shards)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
+        return shards[self.rank::self.world_size][stream::self.settings.streams_per_rank]
+
+    def draws(self, epoch: int, stream: int) -> Iterator[tuple[str, int]]:
+        """Resampled mode: endless `(url, source)` drawn with replacement by source weight."""
+        rng = random.Random(f"draw/{self.seed}/{epoch}/{self.rank}/{stream}")
+        indices, weights = range(len(self.sources)), [source.weight for source in self.sources]
+        while True:
+            source = rng.choices(indices, weights)[0]
+            yield rng.choice(self.sources[source].urls), source
+
+    def epoch_length(self) -> int | None:
+        """Resampled mode: samples per stream per virtual epoch (None in epoch mode)."""
+        if self.settings.mode == "epoch":
+            return None
+        return math.ceil(self.settings.epoch_samples / (self.world_size * self.settings.streams_per_rank))
+
+    # -- samples ---------------------------------------------------------------------------
+
+    def _read(self, shards: Iterable[tuple[str, int]], reader: ShardReader, dead: set[str]) -> Iterator[RawSample]:
+        for url, source in shards:
+            produced = 0
+            for sample in reader.samples(url, source):
+                produced += 1
+                yield sample
+            if produced:
+                dead.discard(url)
+                continue
+            dead.add(url)
+            if len(dead) == len(self.shards):
+                # Without this an all-bad dataset would spin here forever.
+                raise ClipkitConfigError(f"none of the {len(self.shards)} shards has a usable sample "
+                                         f"(skipped so far: {dict(reader.skipped)})")
+
+    def epoch_samples(self, stream: int, epoch: int, reader: ShardReader, dead: set[str]) -> Iterator[RawSample]:
+        """One epoch of one stream, in shuffle-buffer order (no image decoded yet)."""
+        shards = self.shards_for(epoch, stream) if self.settings.mode == "epoch" else self.draws(epoch, stream)
+        rng = random.Random(f"shuffle/{self.seed}/{epoch}/{self.rank}/{stream}")
+        samples = _shuffled(self._read(shards, reader, dead), self.settings.shuffle_buffer, rng)
+        length = self.epoch_length()
+        return samples if length is None else islice(samples, length)
+
+    def samples_from(self, stream: int, position: StreamPosition, reader: ShardReader
+                     ) -> Iterator[tuple[int, int, RawSample]]:
+        """`(epoch, offset after it, sample)` forever, starting at `position`.
+
+        The first `position.offset` samples of its epoch are skipped undecoded; the skips
+        counted while passing them were already counted by the run that consumed them.
+        """
+        epoch, skip = position.epoch, position.offset
+        dead: set[str] = set()
+        while True:
+            offset = 0
+            for offset, sample in enumerate(self.epoch_samples(stream, epoch, reader, dead), start=1):
+                if offset > skip:
+                    yield epoch, offset, sample
+                elif offset == skip:
+                    reader.skipped.clear()
+            if offset < skip:
+                raise ClipkitConfigError(
+                    f"cannot resume data stream {stream}: epoch {epoch} now has {offset} samples, the checkpoint "
+                    f"consumed {skip}; the shards changed since it was written")
+            epoch, skip = epoch + 1, 0
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def _cursor(self, stream: int) -> _Cursor:
+        s = self.settings
+        reader = ShardReader(Counter(), image_exts=s.image_exts, text_ext=s.text_ext,
+                             open_retries=s.open_retries, retry_delay_s=s.retry_delay_s)
+        return _Cursor(reader, self.samples_from(stream, self.positions[stream], reader))
+
+    def _decode(self, cursor: _Cursor, sample: RawSample) -> torch.Tensor | None:
+        try:
+            image = self.decoder(sample.image_bytes())
+        except DECODE_ERRORS:
+            cursor.reader.skip("undecodable image", f"sample {sample.key} in {sample.url}")
+            cursor.undecodable_in_a_row += 1
+            if cursor.undecodable_in_a_row >= MAX_UNDECODABLE_IN_A_ROW:
+                raise ClipkitConfigError(f"{MAX_UNDECODABLE_IN_A_ROW} images in a row could not be decoded "
+                                         f"(last: {sample.key} in {sample.url})") from None
+            return None
+        cursor.undecodable_in_a_row = 0
+        return image
+
+    def make_batch(self, cursor: _Cursor, index: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Batch `index` of this rank: the next `batch_size` decodable samples of stream `index % K`."""
+        k = self.settings.streams_per_rank
+        stream = index % k
+        images, captions, keys, per_source = [], [], [], [0] * len(self.sources)
+        # Random augmentations draw from torch's global RNG: seed it per batch (and restore
+        # it afterwards, which matters with workers=0) so a resumed run augments the same.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_seed(self.seed, self.rank, stream, index // k))
+            while len(images) < self.settings.batch_size:
+                epoch, offset, sample = next(cursor.samples)
+                image = self._decode(cursor, sample)
+                if image is None:
+                    continue
+                images.append(image)
+                captions.append(sample.caption)
+                keys.append(f"{sample.url}#{sample.key}")
+                per_source[sample.source] += 1
+        meta = {"index": index, "stream": stream, "epoch": epoch, "offset": offset, "keys": keys,
+                "sources": per_source, "skipped": dict(cursor.reader.skipped)}
+        cursor.reader.skipped.clear()
+        return torch.stack(images), self.tokenize(captions), meta
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        k = self.settings.streams_per_rank
+        if k % workers:
+            raise ClipkitConfigError(f"data.workers={workers} must divide data.streams_per_rank={k}")
+        cursors: dict[int, _Cursor] = {}
+        # DataLoader hands batch t of this iteration to worker t % workers, and W divides K,
+        # so this worker always serves the same K/W streams.
+        index = self.start_batch + worker
+        while True:
+            stream = index % k
+            if stream not in cursors:
+                cursors[stream] = self._cursor(stream)
+            yield self.make_batch(cursors[stream], index)
+            index += workers

@@ -1,0 +1,292 @@
+"""Runs the configured eval sets (`eval.sets`) on a model, on every rank, in training or alone.
+
+Each rank embeds its share of every set; the shares are gathered so all ranks compute
+the same metrics a 1-process eval would. Rank 0 writes one CLIP_benchmark JSON per
+(set, task) into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from clipkit import distributed
+from clipkit.data import EvalBatch, expand_urls, iter_eval_batches, read_set_metadata
+from clipkit.data.eval_reader import clip_benchmark_set
+from clipkit.errors import ClipkitConfigError
+from clipkit.eval import datasets
+from clipkit.eval.cache import cache_path, load_embedded, save_embedded
+from clipkit.eval.embed import EmbeddedSet, embed_eval_set, gather_embedded_set
+from clipkit.eval.runner import (TASKS, SearchConfig, evaluate_embedded, format_results_table,
+                                 write_benchmark_json)
+from clipkit.eval.captioning import evaluate_captioning
+from clipkit.eval.late_interaction import late_interaction_metrics
+from clipkit.eval.zeroshot import zeroshot_classifier
+
+# clip_benchmark: a directory in CLIP_benchmark's webdataset layout (its --dataset_root), read as urls.
+SOURCES = ("urls", "clip_benchmark", *datasets.FILE_SOURCES)
+# "captioning" (CoCa models: caption CE, BLEU-4, CIDEr) is opt-in per set, never a default.
+SET_TASKS = (*TASKS, "captioning")
+
+
+@dataclass
+class EvalSetSpec:
+    """One eval set. `source` is how it is read: urls (webdataset shards, given as `urls` or
+    as a `clip_benchmark` root; `urls` holds the expanded list), csv, jsonl or folder (`path`)."""
+
+    name: str
+    urls: list[str]
+    tasks: list[str]
+    classnames: list[str] | None
+    templates: list[str] | None
+    source: str = "urls"
+    path: str | None = None
+    reader_args: dict[str, str] = field(default_factory=dict)
+    caption_beams: int = 1  # captioning task: 1 = greedy decoding, > 1 = beam search of that width
+
+
+def _source_of(name: str, s: Any) -> str:
+    given = [k for k in SOURCES if s.get(k) is not None]
+    if len(given) != 1:
+        raise ClipkitConfigError(f"eval.sets.{name}: give exactly one of {', '.join(SOURCES)}; got {given or 'none'}")
+    return given[0]
+
+
+def _file_metadata(source: str, path: str) -> tuple[list[str] | None, list[str] | None]:
+    if source == "folder":
+        return datasets.folder_classes(path)[1], datasets.folder_templates(path)
+    return None, datasets.folder_templates(str(Path(path).parent))
+
+
+def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
+    """`eval.sets` ({name: {urls|clip_benchmark|csv|jsonl|folder, tasks, classnames, templates, ...}}) -> checked specs.
+
+    `clip_benchmark: <root>` (with `split`, default test) reads a set in CLIP_benchmark's
+    webdataset layout: shards from `<root>/<split>/nshards.txt`, default task from
+    `<root>/dataset_type.txt`, class names and templates from `<root>`.
+    """
+    specs = []
+    for name, s in (sets_cfg or {}).items():
+        source = _source_of(name, s)
+        urls, path, dataset_type = [], None, None
+        if source == "urls":
+            urls = expand_urls(s["urls"])
+        elif source == "clip_benchmark":
+            urls, dataset_type = clip_benchmark_set(str(s["clip_benchmark"]), str(s.get("split") or "test"))
+            source = "urls"
+        else:
+            path = str(s[source])
+        default_tasks = ["zeroshot_classification"] if source == "folder" or dataset_type == "classification" else \
+            ["retrieval"] if source in ("csv", "jsonl") or dataset_type == "retrieval" else TASKS
+        tasks = list(s.get("tasks") or default_tasks)
+        unknown = sorted(set(tasks) - set(SET_TASKS))
+        if unknown:
+            raise ClipkitConfigError(f"eval.sets.{name}.tasks: unknown {unknown}; choose from {list(SET_TASKS)}")
+        classnames, templates = s.get("classnames"), s.get("templates")
+        reader_args = {k: str(s[k]) for k in ("image_key", "caption_key", "image_root") if s.get(k) is not None}
+        if "zeroshot_classification" in tasks and (classnames is None or templates is None):
+            found_names, found_templates = read_set_metadata(urls[0]) if urls else _file_metadata(source, path)
+            classnames = list(classnames) if classnames is not None else found_names
+            templates = list(templates) if templates is not None else found_templates
+            if not classnames or not templates:
+                raise ClipkitConfigError(
+                    f"eval.sets.{name}: zero-shot needs class names and templates; set "
+                    f"eval.sets.{name}.classnames/templates or put classnames.txt and "
+                    f"zeroshot_classification_templates.txt beside the shards")
+        beams = int(s.get("caption_beams") or 1)
+        if beams < 1:
+            raise ClipkitConfigError(f"eval.sets.{name}.caption_beams must be >= 1, got {beams}")
+        specs.append(EvalSetSpec(name, urls, tasks, classnames and list(classnames),
+                                 templates and list(templates), source, path, reader_args, beams))
+    return specs
+
+
+def check_captioning(specs: list[EvalSetSpec], model: nn.Module, *, zero_stage: int = 0, world_size: int = 1) -> None:
+    """Refuses a `captioning` task the run cannot do, before any training step.
+
+    It needs a CoCa model (its caption decoder). Under ZeRO-3 with several ranks every forward
+    gathers the partitioned weights collectively, but greedy decoding stops early per batch and
+    ranks hold different numbers of batches, so the ranks' forwards would not pair up and the
+    gathers would hang.
+    """
+    names = [spec.name for spec in specs if "captioning" in spec.tasks]
+    if not names:
+        return
+    if not hasattr(model, "text_decoder"):
+        raise ClipkitConfigError(f"eval.sets.{names[0]}.tasks has captioning, which needs a CoCa model "
+                                 f"(model=tiny_coca); drop the task for {type(model).__name__}")
+    if zero_stage == 3 and world_size > 1:
+        raise ClipkitConfigError(f"eval.sets.{names[0]}.tasks has captioning, which cannot run under ZeRO-3 on "
+                                 f"{world_size} ranks (decoding steps differ per rank); use trainer.zero_stage<=2 "
+                                 "or score the export with clipkit-eval")
+
+
+def build_search_config(eval_cfg: Any) -> SearchConfig:
+    """`eval.search` -> SearchConfig, for `clipkit-eval` and training-time evals alike.
+
+    A config without `search` (written before it existed) gets exact search.
+    """
+    search = dict(eval_cfg.get("search") or {})
+    unknown = sorted(set(search) - {f.name for f in fields(SearchConfig)})
+    if unknown:
+        raise ClipkitConfigError(f"eval.search: unknown key(s) {unknown}; "
+                                 f"known: {[f.name for f in fields(SearchConfig)]}")
+    return SearchConfig(**search)
+
+
+class EvalSuite:
+    """`run(objective, ...)` -> flat metrics `{set/metric: value}`; collective over all ranks."""
+
+    def __init__(self, specs: list[EvalSetSpec], *, preprocess: Callable, tokenizer: Callable,
+                 batch_size: int, out_dir: Path | None, model_name: str, pretrained: str = "clipkit",
+                 search: SearchConfig | None = None, cache_dir: str | Path | None = None):
+        self.specs = specs
+        self.search = search or SearchConfig()
+        self.cache_dir = cache_dir
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.out_dir = out_dir
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.last_results: dict[str, dict[str, dict[str, float]]] = {}
+
+    def _encoders(self, objective: nn.Module, device: torch.device):
+        def encode_image(images: torch.Tensor) -> torch.Tensor:
+            return objective.encode_image(images.to(device))
+
+        def encode_text(texts: list[str]) -> torch.Tensor:
+            return torch.cat([objective.encode_text(self.tokenizer(texts[i:i + self.batch_size]).to(device))
+                              for i in range(0, len(texts), self.batch_size)])
+        return encode_image, encode_text
+
+    def _batches(self, spec: EvalSetSpec, encode_image, encode_text, device) -> Iterator[EvalBatch]:
+        local = self._local_batches(spec)
+        for batch in distributed.in_lockstep(local, device):
+            if batch is None:  # this rank is done; match the others' collective forwards
+                with torch.no_grad():
+                    encode_image(self.preprocess(Image.new("RGB", (8, 8)))[None])
+                    encode_text(["a"])
+                continue
+            yield batch
+
+    def _local_batches(self, spec: EvalSetSpec) -> Iterator[EvalBatch]:
+        share = dict(preprocess=self.preprocess, batch_size=self.batch_size, rank=distributed.rank(),
+                     world_size=distributed.world_size())
+        if spec.source == "urls":
+            return iter_eval_batches(spec.urls, **share)
+        if spec.source == "folder":
+            items = datasets.read_folder_items(spec.path)
+        else:
+            items = datasets.read_caption_items(spec.path, **spec.reader_args)
+        return datasets.iter_item_batches(items, **share)
+
+    def _embedded(self, spec: EvalSetSpec, encode_image, encode_text, device, tag: str | None) -> EmbeddedSet:
+        """The gathered set: from the cache when `cache_dir` and `tag` are set and it holds one."""
+        path = cache_path(self.cache_dir, self.model_name, spec.name, tag) if self.cache_dir and tag else None
+        cached = load_embedded(path) if path is not None else None
+        if cached is not None:  # every rank sees the same files, so all skip the collectives alike
+            return cached
+        with torch.no_grad():
+            local = embed_eval_set(self._batches(spec, encode_image, encode_text, device), encode_image, encode_text)
+        emb = gather_embedded_set(local, device=device)
+        if path is not None and distributed.rank() == 0:
+            save_embedded(path, emb)
+        return emb
+
+    def _token_encoders(self, objective: nn.Module, device: torch.device):
+        """FILIP token features packed into one vector per item, so the embedding, gather and
+        cache machinery of the pooled path carries them: an image is its [N·D] tokens; a
+        caption its [L·D] tokens followed by its [L] 0/1 mask. `_unpack_tokens` inverts it."""
+        def encode_image(images: torch.Tensor) -> torch.Tensor:
+            return objective.encode_image_tokens(images.to(device)).flatten(1)
+
+        def encode_text(texts: list[str]) -> torch.Tensor:
+            packed = []
+            for i in range(0, len(texts), self.batch_size):
+                tokens, mask = objective.encode_text_tokens(self.tokenizer(texts[i:i + self.batch_size]).to(device))
+                packed.append(torch.cat([tokens.flatten(1), mask.float()], dim=1))
+            return torch.cat(packed)
+        return encode_image, encode_text
+
+    @staticmethod
+    def _unpack_tokens(packed: torch.Tensor, dim: int, with_mask: bool):
+        """Inverse of the packing above. The embedding path L2-normalizes each packed row, a
+        uniform scale per row, so re-normalizing each token restores it exactly."""
+        if not with_mask:
+            return F.normalize(packed.reshape(len(packed), -1, dim), dim=-1), None
+        length = packed.shape[1] // (dim + 1)
+        tokens = packed[:, : length * dim].reshape(len(packed), length, dim)
+        return F.normalize(tokens, dim=-1), packed[:, length * dim:] > 0
+
+    def _late_interaction(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device,
+                          tag: str | None) -> dict[str, dict[str, float]]:
+        encode_image, encode_text = self._token_encoders(objective, device)
+        tasks = [t for t in spec.tasks if t != "captioning"]
+        class_kwargs = {}
+        with torch.no_grad():
+            if "zeroshot_classification" in tasks:
+                prompts = [t.replace("{c}", c) for c in spec.classnames for t in spec.templates]  # class-major
+                class_tokens, class_mask = objective.encode_text_tokens(self.tokenizer(prompts).to(device))
+                class_kwargs = dict(class_tokens=class_tokens.cpu(), class_mask=class_mask.cpu(),
+                                    num_classes=len(spec.classnames))
+            dim = objective.encode_text_tokens(self.tokenizer(["a"]).to(device))[0].shape[-1]
+        emb = self._embedded(spec, encode_image, encode_text, device, tag and f"{tag}-tokens")
+        image_tokens, _ = self._unpack_tokens(emb.image_emb.cpu(), dim, with_mask=False)
+        text_tokens, text_mask = self._unpack_tokens(emb.text_emb.cpu(), dim, with_mask=True)
+        return late_interaction_metrics(objective.loss.similarity, image_tokens=image_tokens, tasks=tasks,
+                                        labels=emb.labels.cpu(), text_tokens=text_tokens, text_mask=text_mask,
+                                        text_image_index=emb.text_image_index.cpu(), **class_kwargs)
+
+    def run(self, objective: nn.Module, *, device: torch.device | str, step: int | None = None,
+            tag: str | None = None) -> dict[str, float]:
+        """Scores every set; `tag` (or "step_<step>") names the checkpoint in the embedding cache key.
+
+        A FILIP objective (its loss needs token features) is scored by token-wise late
+        interaction; a set with the `captioning` task also gets caption CE, BLEU-4 and CIDEr.
+        """
+        device = torch.device(device)
+        tag = tag if tag is not None else (f"step_{step}" if step is not None else None)
+        encode_image, encode_text = self._encoders(objective, device)
+        token_wise = "image_tokens" in getattr(getattr(objective, "loss", None), "needs", ())
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        for spec in self.specs:
+            tasks = [t for t in spec.tasks if t != "captioning"]
+            if token_wise:
+                results[spec.name] = self._late_interaction(spec, objective, device, tag)
+            else:
+                with torch.no_grad():
+                    classifier = (zeroshot_classifier(encode_text, spec.classnames, spec.templates)
+                                  if "zeroshot_classification" in tasks else None)
+                emb = self._embedded(spec, encode_image, encode_text, device, tag)
+                results[spec.name] = evaluate_embedded(emb, tasks=tasks, classifier=classifier, search=self.search)
+            if "captioning" in spec.tasks:
+                results[spec.name]["captioning"] = self._captioning(spec, objective, device)
+        self.last_results = results
+        if distributed.rank() == 0 and self.out_dir is not None:
+            for set_name, tasks in results.items():
+                for task, metrics in tasks.items():
+                    write_benchmark_json(self.out_dir / f"{set_name}_{task}.json", dataset=set_name,
+                                         model=self.model_name, pretrained=self.pretrained, task=task,
+                                         metrics=metrics)
+        return {f"{s}/{m}": v for s, tasks in results.items() for metrics in tasks.values() for m, v in metrics.items()}
+
+    def _captioning(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device) -> dict:
+        model = getattr(objective, "model", objective)
+        check_captioning([spec], model)
+        metrics, captions = evaluate_captioning(model, self._local_batches(spec), self.tokenizer, device=device,
+                                                beams=spec.caption_beams)
+        if distributed.rank() == 0 and self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / f"{spec.name}_captions.json").write_text(json.dumps(captions, indent=1))
+        return metrics
+
+    def results_table(self) -> str:
+        return format_results_table(self.last_results)

@@ -1,0 +1,224 @@
+"""Block primitives of the exact contrastive losses, looping over row chunks in PyTorch.
+
+A "block" is the rows of the global [B, B] logits matrix l = s·q·kᵀ (+β) that one rank
+owns: q [b, D] are its rows (local image features), k [B, D] every column (the gathered
+text features), and row i's positive is column i + row_offset. `clipkit.losses.fused`
+turns these into autograd Functions and adds the collectives; `clipkit.kernels.
+triton_contrastive` implements the same three functions with the same contract on GPU.
+Selected by `loss.impl=chunked` (or `auto` where Triton is unavailable).
+
+Cost, in b×B×D matmuls, and memory: never more than a few (chunk × B) float32 blocks.
+  * `infonce_block_stats`: 1 (the logits, once) and one exp per logit. Row log-sum-exp is
+    final inside a chunk (each chunk holds whole rows); column sums come from the same
+    exponentials as a matrix-vector product, merged online down the chunks.
+  * `infonce_block_grads`: 3 (recompute the logits, G·k, Gᵀ·q). With the stats pass that
+    is the 4-matmul exact symmetric InfoNCE; open_clip's ClipLoss does 6 (it builds both
+    I·Tᵀ and T·Iᵀ) and Inf-CL about 10.
+  * `sigmoid_block`: 3 (logits, G·k, Gᵀ·q) in one pass: each pair's loss and gradient is
+    local, so there is nothing to recompute.
+
+Dtypes: logits, statistics and gradients are float32 for float32/bf16/fp16 inputs (float64
+for float64). This module imports nothing from clipkit and has no autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bf16/fp32 inputs, float64 for float64: the logits' accumulation type."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _scalar(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.detach().reshape(()).to(dtype)
+
+
+def _chunks(n: int, chunk: int):
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    for start in range(0, n, chunk):
+        yield start, min(start + chunk, n)
+
+
+def _positive_columns(logits: torch.Tensor, first_row: int) -> torch.Tensor:
+    """The diagonal view l[r, first_row + r] of a [c, B] chunk (row r's positive)."""
+    return logits.diagonal(first_row)
+
+
+# A chunk's column sums are taken against one shared reference, the chunk's largest logit
+# M: Σ_i exp(l_ij − M) = Σ_i a_i·exp(l_ij − m_i) with a_i = exp(m_i − M), m_i the row max, so
+# one exp per logit serves both directions and the column sums are a matrix-vector product.
+# A column whose sum falls below this floor (its max more than ~50 below M) would lose
+# precision to underflow; those columns are recomputed exactly against their own max.
+_SHARED_REFERENCE_FLOOR = 1.9e-22  # e^-50; float32 underflows at e^-87, so terms lost are < e^-28 relative
+
+
+@torch.no_grad()
+def infonce_block_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row_offset: int,
+                        chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax statistics of this block's logits l = s·q·kᵀ, in both directions.
+
+    Args:
+        q: [b, D] this block's rows. k: [B, D] every column. scale: 0-dim or [1], s.
+        row_offset: row i's positive is column i + row_offset.
+        chunk: rows per chunk; extra memory is about chunk × B floats.
+    Returns:
+        row_lse [b] (logsumexp_j l_ij); col_ref [B] and col_sumexp [B] with
+        logsumexp_i l_ij = col_ref_j + log(col_sumexp_j), where col_ref_j ≥ max_i l_ij is a
+        reference close enough that col_sumexp_j ≥ e^-50 (the column max itself for the
+        Triton kernels); positive_sum 0-dim (Σ_i l_{i, i+row_offset}). Blocks merge as
+        max-references do: ref = max(ref_a, ref_b), sum = Σ sum_x·exp(ref_x − ref).
+    """
+    cdt = compute_dtype(q)
+    s = _scalar(scale, cdt)
+    kc = k.to(cdt)
+    b, big_b = q.shape[0], k.shape[0]
+    row_lse = torch.empty(b, dtype=cdt, device=q.device)
+    col_ref = torch.full((big_b,), float("-inf"), dtype=cdt, device=q.device)
+    col_sum = torch.zeros(big_b, dtype=cdt, device=q.device)
+    positives = torch.zeros((), dtype=cdt, device=q.device)
+    for lo, hi in _chunks(b, chunk):
+        # Scaling the [c, D] rows rather than the [c, B] logits saves a pass over the block;
+        # fp32 accumulation even for bf16 inputs.
+        qs = q[lo:hi].to(cdt) * s
+        logits = qs @ kc.T
+        positives += _positive_columns(logits, lo + row_offset).sum()
+        row_max = logits.amax(dim=1)
+        shifted_exp = logits.sub_(row_max[:, None]).exp_()  # in place: the block's only exp pass
+        row_lse[lo:hi] = row_max + shifted_exp.sum(dim=1).log()
+        chunk_max = row_max.max()
+        chunk_sum = torch.exp(row_max - chunk_max) @ shifted_exp
+        del logits, shifted_exp
+        chunk_ref = chunk_max.expand(big_b).clone()
+        # One host sync per chunk; almost always nothing to redo.
+        underflowed = (chunk_sum < _SHARED_REFERENCE_FLOOR).nonzero().squeeze(1)
+        if underflowed.numel():
+            exact = qs @ kc[underflowed].T  # [c, n]: exact logits of those columns only
+            exact_max = exact.amax(dim=0)
+            chunk_ref[underflowed] = exact_max
+            chunk_sum[underflowed] = exact.sub_(exact_max).exp_().sum(dim=0)
+        new_ref = torch.maximum(col_ref, chunk_ref)
+        col_sum = col_sum * torch.exp(col_ref - new_ref) + chunk_sum * torch.exp(chunk_ref - new_ref)
+        col_ref = new_ref
+    return row_lse, col_ref, col_sum, positives
+
+
+@torch.no_grad()
+def infonce_block_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row_offset: int,
+                        row_lse: torch.Tensor, col_lse: torch.Tensor, chunk: int = 4096, *,
+                        need_q: bool = True, need_k: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Unscaled gradients of the symmetric InfoNCE sum for this block.
+
+    G_ij = exp(l_ij − row_lse_i) + exp(l_ij − col_lse_j) − 2·[j = i + row_offset] is
+    d(Σ row losses + Σ column losses)/d l_ij, with the *global* column log-sum-exp.
+
+    Args:
+        q [b, D], k [B, D], scale, row_offset, chunk: as in `infonce_block_stats`.
+        row_lse: [b] from the stats pass. col_lse: [B], col_max + log(col_sumexp) merged
+            over every block of the global batch.
+    Returns:
+        dq = G·k [b, D] and dk = Gᵀ·q [B, D] (None where not needed), NOT multiplied by s.
+    """
+    cdt = compute_dtype(q)
+    s = _scalar(scale, cdt)
+    kc = k.to(cdt)
+    row_lse, col_lse = row_lse.to(cdt), col_lse.to(cdt)
+    dq = torch.empty(q.shape, dtype=cdt, device=q.device) if need_q else None
+    dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_k else None
+    if not (need_q or need_k):
+        return dq, dk
+    for lo, hi in _chunks(q.shape[0], chunk):
+        qc = q[lo:hi].to(cdt)
+        logits = (qc * s) @ kc.T
+        grad = torch.sub(logits, row_lse[lo:hi, None]).exp_()
+        grad += logits.sub_(col_lse[None, :]).exp_()
+        del logits
+        # Both directions' targets sit on the same entries (image i ↔ text i).
+        _positive_columns(grad, lo + row_offset).sub_(2.0)
+        if dq is not None:
+            torch.mm(grad, kc, out=dq[lo:hi])
+        if dk is not None:
+            dk.addmm_(grad.T, qc)
+    return dq, dk
+
+
+@torch.no_grad()
+def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                  row_offset: int | None, chunk: int = 4096, *, need_grads: bool = True):
+    """The pairwise sigmoid loss of this block and its unscaled gradients, in one pass.
+
+    l = s·q·kᵀ + β; y_ij = +1 at j = i + row_offset, −1 elsewhere.
+
+    Args:
+        q [b, D], k [B, D], scale, row_offset, chunk: as in `infonce_block_stats`; bias: β.
+            row_offset None: no positives in this block (y = −1 everywhere; SigLIP's ring
+            scoring another rank's texts).
+    Returns:
+        loss_sum 0-dim (Σ_ij softplus(−y_ij·l_ij)); with need_grads also dq = G·k [b, D],
+        dk = Gᵀ·q [B, D] and grad_sum = Σ_ij G_ij (the bias gradient), where
+        G_ij = σ(l_ij) − [y_ij = +1]; otherwise those three are None.
+    """
+    cdt = compute_dtype(q)
+    s, beta = _scalar(scale, cdt), _scalar(bias, cdt)
+    kc = k.to(cdt)
+    total = torch.zeros((), dtype=cdt, device=q.device)
+    dq = torch.empty(q.shape, dtype=cdt, device=q.device) if need_grads else None
+    dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_grads else None
+    grad_sum = torch.zeros((), dtype=cdt, device=q.device) if need_grads else None
+    for lo, hi in _chunks(q.shape[0], chunk):
+        qc = q[lo:hi].to(cdt)
+        logits = torch.addmm(beta, qc * s, kc.T)  # bias added in the GEMM's output pass
+        # Negatives cost softplus(l), positives softplus(−l): swap the diagonal's term
+        # rather than computing softplus(l) − l, which cancels catastrophically.
+        total += F.softplus(logits).sum()
+        if row_offset is not None:
+            pos = _positive_columns(logits, lo + row_offset)
+            total += F.softplus(-pos).sum() - F.softplus(pos).sum()
+        if not need_grads:
+            continue
+        grad = logits.sigmoid_()
+        if row_offset is not None:
+            _positive_columns(grad, lo + row_offset).sub_(1.0)
+        grad_sum += grad.sum()
+        torch.mm(grad, kc, out=dq[lo:hi])
+        dk.addmm_(grad.T, qc)
+    return total, dq, dk, grad_sum
+
+
+@torch.no_grad()
+def distill_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, teacher_q: torch.Tensor,
+                  teacher_k: torch.Tensor, teacher_scale: torch.Tensor, chunk: int = 4096, *,
+                  need_grads: bool = True):
+    """Row-wise KL(teacher ‖ student) of this block and its unscaled student gradients, one pass.
+
+    Student logits l = s·q·kᵀ, teacher logits t = s_t·q_t·k_tᵀ; each row is a softmax over
+    the B columns. 4 b×B×D matmuls (student and teacher logits, G·k, Gᵀ·q).
+
+    Args:
+        q [b, D], k [B, D], scale: the student's block, columns and s.
+        teacher_q [b, D_t], teacher_k [B, D_t], teacher_scale: the teacher's (no gradients).
+    Returns:
+        kl_sum 0-dim (Σ_i KL_i); with need_grads dq = G·k [b, D] and dk = Gᵀ·q [B, D] where
+        G = softmax(l) − softmax(t) row-wise (= dKL/dl); else None, None.
+    """
+    cdt = compute_dtype(q)
+    s, s_t = _scalar(scale, cdt), _scalar(teacher_scale, cdt)
+    kc, tkc = k.to(cdt), teacher_k.to(cdt)
+    total = torch.zeros((), dtype=cdt, device=q.device)
+    dq = torch.empty(q.shape, dtype=cdt, device=q.device) if need_grads else None
+    dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_grads else None
+    for lo, hi in _chunks(q.shape[0], chunk):
+        qc = q[lo:hi].to(cdt)
+        log_p_student = torch.log_softmax((qc * s) @ kc.T, dim=1)
+        log_p_teacher = torch.log_softmax((teacher_q[lo:hi].to(cdt) * s_t) @ tkc.T, dim=1)
+        p_teacher = log_p_teacher.exp()
+        total += (p_teacher * (log_p_teacher - log_p_student)).sum()
+        if not need_grads:
+            continue
+        grad = log_p_student.exp_().sub_(p_teacher)
+        torch.mm(grad, kc, out=dq[lo:hi])
+        dk.addmm_(grad.T, qc)
+    return total, dq, dk

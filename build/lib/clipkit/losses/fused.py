@@ -1,0 +1,293 @@
+"""The exact, memory-linear CLIP and SigLIP losses over a batch sharded across ranks.
+
+Selected by `loss.impl=chunked|triton|auto` (`naive` runs the materialized reference in
+`clipkit.losses.functional` instead). The block math comes from a kernel set
+(`clipkit.kernels.chunked_contrastive` or `clipkit.kernels.triton_contrastive`, same
+contract); the collectives from `clipkit.distributed`. Per step and rank, with b local rows
+and B = W·b global rows:
+
+  CLIP (softmax InfoNCE), 4 b×B×D matmuls:
+    forward   all-gather text [B, D] (no autograd); stats pass over this rank's image rows
+              against every text; all-reduce the column statistics (max, then the
+              rescaled sums: 2B floats) so every rank holds the global column log-sum-exp.
+    backward  recompute the block, form G, dI = G·T_all (complete: row i's gradient only
+              involves row i's block), dT_all = Gᵀ·I_local and reduce-scatter it, so each
+              rank receives the sum over ranks for its own text rows only.
+  SigLIP, 3 b×B×D matmuls in one forward pass; dT_all is reduce-scattered there, so only
+  [b, D] gradients are kept for backward. `exchange="ring"` does the same arithmetic with
+  O(b·D) memory instead of O(B·D): text blocks and their gradient accumulators travel
+  round the ranks by point-to-point sends, the next block prefetched while one is scored.
+
+Gradient scaling. Every rank returns W × (its share of the global loss); the shares sum to
+the global loss, so the mean over ranks of the returned values is the global loss. Backward
+returns W × ∂L_global/∂(this rank's inputs) and W × this rank's part of ∂L/∂s (and ∂L/∂β).
+DeepSpeed/DDP then average parameter gradients over ranks, which gives exactly the
+single-process gradient of the global-batch loss for tower weights, temperature and bias.
+(Inf-CL all-reduces the temperature gradient and then lets the mean divide it again.)
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from clipkit import distributed
+
+KERNEL_MODULES = {
+    "chunked": "clipkit.kernels.chunked_contrastive",
+    "triton": "clipkit.kernels.triton_contrastive",
+}
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when the Triton kernels can run on `device` (a CUDA GPU with triton installed,
+    or CPU tensors under TRITON_INTERPRET=1)."""
+    try:
+        module = importlib.import_module(KERNEL_MODULES["triton"])
+    except ImportError:
+        return False
+    return bool(module.triton_available(device))
+
+
+def resolve_kernels(impl: str, device: torch.device) -> ModuleType:
+    """The kernel set for `impl` on `device`: `auto` is Triton on a CUDA GPU where usable, else
+    chunked (never the CPU interpreter, which is for tests)."""
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" and triton_usable(device) else "chunked"
+    if impl == "triton" and not triton_usable(device):
+        raise RuntimeError(f"loss.impl=triton needs a CUDA device with triton installed (got {device}); "
+                           f"use loss.impl=chunked or auto")
+    return importlib.import_module(KERNEL_MODULES[impl])
+
+
+def _block_layout(local_rows: int, global_rows: int) -> tuple[int, int]:
+    """(world size, this rank's first global row); checks that every rank has equal rows."""
+    world = distributed.world_size()
+    if global_rows != world * local_rows:
+        raise ValueError(f"every rank needs the same local batch: {local_rows} rows here, {global_rows} in all")
+    return world, distributed.rank() * local_rows
+
+
+class _FusedInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, kernels, chunk):
+        text_all = distributed.all_gather_rows(text)
+        b, big_b = image.shape[0], text_all.shape[0]
+        world, offset = _block_layout(b, big_b)
+        with torch.autocast(image.device.type, enabled=False):
+            row_lse, col_ref, col_sum, positives = kernels.infonce_block_stats(
+                image.detach(), text_all, scale.detach(), offset, chunk)
+            # Merge the per-rank column statistics: the largest reference first, then rescaled sums.
+            global_ref = distributed.all_reduce(col_ref, "max")
+            col_sum = distributed.all_reduce(col_sum * torch.exp(col_ref - global_ref), "sum")
+            col_lse = global_ref + torch.log(col_sum)
+        # This rank owns its rows' image→text terms and its own columns' text→image terms.
+        share = (row_lse.sum() + col_lse[offset:offset + b].sum() - 2 * positives) / (2 * big_b)
+        ctx.save_for_backward(image, text_all, scale, row_lse, col_lse)
+        ctx.kernels, ctx.chunk, ctx.world, ctx.offset = kernels, chunk, world, offset
+        return share * world
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        image, text_all, scale, row_lse, col_lse = ctx.saved_tensors
+        need_i, need_t, need_s = ctx.needs_input_grad[:3]
+        with torch.autocast(image.device.type, enabled=False):
+            dq, dk = ctx.kernels.infonce_block_grads(
+                image.detach(), text_all, scale.detach(), ctx.offset, row_lse, col_lse, ctx.chunk,
+                need_q=need_i or need_s, need_k=need_t)
+        cdt = row_lse.dtype
+        # W × ∂(global loss)/∂(block); see the module docstring.
+        coef = grad_out.to(cdt) * ctx.world / (2 * text_all.shape[0])
+        s = scale.detach().reshape(()).to(cdt)
+        d_image = (dq * (s * coef)).to(image.dtype) if need_i else None
+        d_text = (distributed.reduce_scatter_rows(dk) * (s * coef)).to(text_all.dtype) if need_t else None
+        # ∂/∂s = ⟨G, I·Tᵀ⟩ = Σ_i I_i·(G·T)_i: an O(b·D) product with the unscaled dI.
+        d_scale = ((dq * image.to(cdt)).sum() * coef).reshape(scale.shape).to(scale.dtype) if need_s else None
+        return d_image, d_text, d_scale, None, None
+
+
+def _sigmoid_gathered(image, text, scale, bias, kernels, chunk, need_grads):
+    """This rank's rows against the all-gathered texts; text gradients reduce-scattered.
+
+    Returns (loss_sum, dq [b, D], dk [b, D] summed over ranks for this rank's texts, Σ G).
+    """
+    text_all = distributed.all_gather_rows(text)
+    world, offset = _block_layout(image.shape[0], text_all.shape[0])
+    total, dq, dk, grad_sum = kernels.sigmoid_block(image, text_all, scale, bias, offset, chunk,
+                                                    need_grads=need_grads)
+    return total, dq, (distributed.reduce_scatter_rows(dk) if dq is not None else None), grad_sum
+
+
+def _sigmoid_ring(image, text, scale, bias, kernels, chunk, need_grads):
+    """The same four values with O(b·D) memory: text blocks travel round the ring.
+
+    At step t this rank holds the texts of rank r−t and scores them against its images (only
+    step 0 has positives). Their gradient accumulator travels one hop behind on a second ring:
+    rank r adds its part and passes it on, and after W hops it reaches its owner complete.
+    The next text block is received while this one is scored. Never holds more than four
+    [b, D] blocks, instead of the gathered [B, D] texts and their [B, D] gradient.
+    """
+    world, rows = distributed.world_size(), image.shape[0]
+    # Unequal blocks would make the receives mismatch (a hang or garbage), so check first.
+    low, high = distributed.all_reduce(torch.tensor([-rows, rows], device=image.device), "max").tolist()
+    if -low != high:
+        raise ValueError(f"every rank needs the same local batch for the ring: {rows} rows here, "
+                         f"between {-low} and {high} across ranks")
+    block, total, dq_sum, grad_sum, passing = text.detach().contiguous(), 0, None, 0, None
+    for step in range(world):
+        if step < world - 1:  # prefetch the next block while this one is scored
+            incoming = torch.empty_like(block)
+            text_ring = distributed.ring_pass(block, incoming)
+        # Only the own block (step 0) holds positives; None = every pair is a negative.
+        part, dq, dk, g_sum = kernels.sigmoid_block(image, block, scale, bias, 0 if step == 0 else None,
+                                                    chunk, need_grads=need_grads)
+        total = total + part
+        if need_grads:
+            dq_sum = dq if dq_sum is None else dq_sum.add_(dq)
+            grad_sum = grad_sum + g_sum
+            if passing is not None:  # this block's gradient so far, from the rank before
+                for handle in passing[0]:
+                    handle.wait()
+                dk.add_(passing[1])
+            arriving = torch.empty_like(dk)
+            passing = (distributed.ring_pass(dk, arriving), arriving)
+        if step < world - 1:
+            for handle in text_ring:
+                handle.wait()
+            block = incoming
+    if not need_grads:
+        return total, None, None, None
+    for handle in passing[0]:  # the last hop brings this rank's own texts' complete gradient
+        handle.wait()
+    return total, dq_sum, passing[1], grad_sum
+
+
+SIGMOID_EXCHANGES = {"gather": _sigmoid_gathered, "ring": _sigmoid_ring}
+
+
+class _FusedSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, kernels, chunk, exchange):
+        world = distributed.world_size()
+        big_b = image.shape[0] * world
+        need_i, need_t, need_s, need_b = ctx.needs_input_grad[:4]
+        with torch.autocast(image.device.type, enabled=False):
+            total, dq, dk, grad_sum = SIGMOID_EXCHANGES[exchange if world > 1 else "gather"](
+                image.detach(), text, scale.detach(), bias.detach(), kernels, chunk,
+                need_grads=need_i or need_t or need_s or need_b)
+        if dq is not None:
+            cdt = dq.dtype
+            coef = world / big_b
+            s = scale.detach().reshape(()).to(cdt)
+            # The text gradients are complete in forward: only [b, D] is kept for backward.
+            d_text = dk * (s * coef) if need_t else None
+            d_scale = (dq * image.detach().to(cdt)).sum() * coef if need_s else None
+            d_image = dq.mul_(s * coef) if need_i else None
+            ctx.save_for_backward(d_image, d_text, d_scale, grad_sum * coef)
+        ctx.shapes = (image.dtype, text.dtype, scale.shape, scale.dtype, bias.shape, bias.dtype)
+        return total * (world / big_b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        d_image, d_text, d_scale, d_bias = ctx.saved_tensors
+        need_i, need_t, need_s, need_b = ctx.needs_input_grad[:4]
+        i_dtype, t_dtype, s_shape, s_dtype, b_shape, b_dtype = ctx.shapes
+        g = grad_out.to(d_bias.dtype)
+        return ((d_image * g).to(i_dtype) if need_i else None,
+                (d_text * g).to(t_dtype) if need_t else None,
+                (d_scale * g).reshape(s_shape).to(s_dtype) if need_s else None,
+                (d_bias * g).reshape(b_shape).to(b_dtype) if need_b else None,
+                None, None, None)
+
+
+class _FusedDistill(torch.autograd.Function):
+    """W × Σ over this rank's rows of KL(teacher ‖ student), one direction (rows vs gathered columns)."""
+
+    @staticmethod
+    def forward(ctx, rows, cols, scale, teacher_rows, teacher_cols, teacher_scale, kernels, chunk):
+        cols_all = distributed.all_gather_rows(cols)
+        teacher_all = distributed.all_gather_rows(teacher_cols)
+        world, _ = _block_layout(rows.shape[0], cols_all.shape[0])
+        need_r, need_c, need_s = ctx.needs_input_grad[:3]
+        with torch.autocast(rows.device.type, enabled=False):
+            total, dq, dk = kernels.distill_block(
+                rows.detach(), cols_all, scale.detach(), teacher_rows.detach(), teacher_all,
+                teacher_scale.detach(), chunk, need_grads=need_r or need_c or need_s)
+        if dq is not None:
+            s = scale.detach().reshape(()).to(dq.dtype)
+            d_cols = distributed.reduce_scatter_rows(dk) * (s * world) if need_c else None
+            d_scale = (dq * rows.detach().to(dq.dtype)).sum() * world if need_s else None
+            ctx.save_for_backward(dq.mul_(s * world) if need_r else None, d_cols, d_scale)
+        ctx.shapes = (rows.dtype, cols.dtype, scale.shape, scale.dtype)
+        return total * world
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        d_rows, d_cols, d_scale = ctx.saved_tensors
+        r_dtype, c_dtype, s_shape, s_dtype = ctx.shapes
+        g = grad_out
+        return (None if d_rows is None else (d_rows * g.to(d_rows.dtype)).to(r_dtype),
+                None if d_cols is None else (d_cols * g.to(d_cols.dtype)).to(c_dtype),
+                None if d_scale is None else (d_scale * g.to(d_scale.dtype)).reshape(s_shape).to(s_dtype),
+                None, None, None, None, None)
+
+
+def fused_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *,
+                    impl: str = "chunked", chunk: int = 4096) -> torch.Tensor:
+    """Symmetric InfoNCE of the global batch, sharded by rows over the process group.
+
+    Args:
+        image, text: [b, D] this rank's paired, L2-normalized features (b equal on all ranks).
+        logit_scale: 0-dim or [1], the multiplier s (already exponentiated).
+        impl: "chunked", "triton" or "auto" (see `resolve_kernels`).
+        chunk: rows per chunk for the chunked kernels.
+    Returns:
+        0-dim float32 (float64 for float64 inputs): on one process `clip_loss(image, text, s)`;
+        on W ranks, W × this rank's share (the mean over ranks is the global loss).
+    """
+    return _FusedInfoNCE.apply(image, text, logit_scale, resolve_kernels(impl, image.device), chunk)
+
+
+def fused_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                      logit_bias: torch.Tensor, *, impl: str = "chunked", chunk: int = 4096,
+                      exchange: str = "gather") -> torch.Tensor:
+    """Pairwise sigmoid loss of the global batch, sharded like `fused_clip_loss`.
+
+    Args:
+        image, text: [b, D] this rank's features. logit_scale, logit_bias: 0-dim or [1].
+        exchange: "gather" (all-gather the texts, reduce-scatter their gradients) or "ring"
+            (pass text blocks and their gradients round the ranks: O(b·D) memory, W hops).
+    Returns:
+        0-dim: on one process `siglip_loss(image, text, s, β)`; on W ranks W × this rank's share.
+    """
+    if exchange not in SIGMOID_EXCHANGES:
+        raise ValueError(f"exchange must be one of {sorted(SIGMOID_EXCHANGES)}, got {exchange!r}")
+    return _FusedSigmoid.apply(image, text, logit_scale, logit_bias, resolve_kernels(impl, image.device), chunk,
+                               exchange)
+
+
+def fused_distill_kl(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, teacher_image: torch.Tensor,
+                     teacher_text: torch.Tensor, teacher_scale: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
+    """Mean over both directions and all B global rows of KL(teacher softmax ‖ student softmax).
+
+    Args:
+        image, text: [b, D] this rank's student features. logit_scale: the student's s.
+        teacher_image, teacher_text: [b, D_t] the frozen teacher's features; teacher_scale its s.
+    Returns:
+        0-dim: on one process (Σ_i KL_i→t + Σ_j KL_t→i) / (2B); on W ranks W × this rank's
+        share. Gradients reach the student features and s only. Chunked kernels on every
+        device (4 b×B×D matmuls per direction, never a [b, B] matrix).
+    """
+    kernels = resolve_kernels("chunked", image.device)
+    big_b = image.shape[0] * distributed.world_size()
+    image_to_text = _FusedDistill.apply(image, text, logit_scale, teacher_image, teacher_text, teacher_scale,
+                                        kernels, chunk)
+    text_to_image = _FusedDistill.apply(text, image, logit_scale, teacher_text, teacher_image, teacher_scale,
+                                        kernels, chunk)
+    return (image_to_text + text_to_image) / (2 * big_b)

@@ -1,0 +1,132 @@
+"""Builds open_clip towers, transforms and tokenizer from the `model:` config group.
+
+`model.name` is any open_clip architecture (`ViT-B-32`, `RN50`, ...), random init unless
+`model.pretrained` names a tag or a local file. `model.config` is an inline open_clip
+model config (the same schema as open_clip's JSON files, e.g. `conf/model/tiny.yaml`);
+it is registered under `model.name` so tokenizer and transforms come from open_clip's
+own factory exactly as for a built-in name.
+
+The learnable temperature and bias belong to the loss (`conf/loss/*.yaml`), so they are
+taken off the open_clip module here and handed over as `pretrained_logit_scale/bias`
+when a checkpoint supplied them. Keeping them off the model also spares DeepSpeed the
+0-dim parameters it cannot handle (deepspeed 0.19.8).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from torch import nn
+
+from clipkit.errors import ClipkitConfigError
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module                       # open_clip CLIP without logit_scale/logit_bias
+    preprocess_train: Callable             # PIL image -> [3, H, W] float32
+    preprocess_val: Callable
+    tokenizer: Callable[[list[str]], torch.Tensor]  # n captions -> [n, context_length] long
+    name: str
+    model_cfg: dict[str, Any]              # open_clip model config (embed_dim, vision_cfg, text_cfg, ...)
+    pretrained_logit_scale: float | None = None   # log-scale from a pretrained checkpoint
+    pretrained_logit_bias: float | None = None
+
+
+def _register_inline_config(name: str, config: dict[str, Any]) -> None:
+    """Makes `name` a known open_clip architecture (open_clip reads configs from files)."""
+    cfg_dir = Path(tempfile.mkdtemp(prefix="clipkit_model_cfg_"))
+    (cfg_dir / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(cfg_dir)
+
+
+def open_clip_config(name: str) -> dict[str, Any]:
+    """The open_clip model config registered under `name`."""
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ClipkitConfigError(
+            f"model.name={name!r} is not an open_clip architecture; pick one of "
+            f"open_clip.list_models() or give an inline model.config")
+    return cfg
+
+
+def build_model(name: str, *, pretrained: str | None = None, config: dict[str, Any] | None = None,
+                precision: str = "fp32", patch_dropout: float = 0.0) -> ModelBundle:
+    """Creates the towers, train/val transforms and tokenizer for one architecture.
+
+    Args:
+        name: open_clip architecture name, or the name to register `config` under.
+        pretrained: open_clip pretrained tag or a local checkpoint path (nothing is downloaded
+            unless a tag is given and the hub is reachable).
+        config: inline open_clip model config dict; None uses open_clip's built-in `name`.
+        precision: open_clip precision string for tower weights ("fp32" while DeepSpeed owns casting).
+        patch_dropout: FLIP's training-time patch dropout ratio for a ViT (0 = off); open_clip
+            keeps CLS and 1 + int(N·(1 − p)) tokens, in train mode only.
+    """
+    if config is not None:
+        _register_inline_config(name, config)
+    model_cfg = open_clip_config(name)
+    if pretrained is not None and Path(pretrained).suffix and not Path(pretrained).exists():
+        raise ClipkitConfigError(f"model.pretrained file not found: {pretrained}")
+    if not 0.0 <= patch_dropout < 1.0:
+        raise ClipkitConfigError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}")
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, precision=precision, force_patch_dropout=patch_dropout or None)
+    tokenizer = open_clip.get_tokenizer(name)
+
+    scale = bias = None
+    if pretrained is not None:
+        scale = float(model.logit_scale.detach().reshape(()))
+        if getattr(model, "logit_bias", None) is not None:
+            bias = float(model.logit_bias.detach().reshape(()))
+    # The loss owns temperature and bias; see module docstring.
+    del model.logit_scale
+    if getattr(model, "logit_bias", None) is not None:
+        del model.logit_bias
+    model.logit_bias = None
+    if hasattr(model, "text_decoder") and pretrained is None:
+        # open_clip 3.3 never initializes MultimodalTransformer.text_projection (its
+        # init_parameters is not called and would fail), so the decoder's output projection
+        # is torch.empty: whatever memory held, often zeros (constant logits). std 0.02 (the
+        # GPT-2/BERT output-layer init) starts the logits near uniform: caption CE ≈ ln V.
+        with torch.no_grad():
+            nn.init.normal_(model.text_decoder.text_projection, std=0.02)
+    if hasattr(model, "text_decoder"):
+        # CoCa.forward copies exp(logit_scale) into its output dict; clipkit never reads that
+        # entry. A plain tensor attribute: not a parameter, not in the state dict.
+        model.logit_scale = torch.zeros(())
+    return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, name, model_cfg, scale, bias)
+
+
+def lock_towers(model: nn.Module, *, image: dict[str, Any] | None, text: dict[str, Any] | None) -> None:
+    """LiT (Zhai et al. 2022): freeze the image and/or text tower with open_clip's own lock.
+
+    Args:
+        image: None, or {unlocked_groups: N (0 = all locked), freeze_bn_stats: bool}.
+        text: None, or {unlocked_layers: N, freeze_layer_norm: bool}.
+    Locked parameters get requires_grad=False, so they get no gradient and no optimizer
+    state; frozen BN statistics become FrozenBatchNorm2d and stay fixed in train mode.
+    """
+    if image is not None:
+        model.lock_image_tower(unlocked_groups=int(image.get("unlocked_groups", 0)),
+                               freeze_bn_stats=bool(image.get("freeze_bn_stats", False)))
+    if text is not None:
+        model.lock_text_tower(unlocked_layers=int(text.get("unlocked_layers", 0)),
+                              freeze_layer_norm=bool(text.get("freeze_layer_norm", True)))
+
+
+def build_teacher_model(name: str, pretrained: str, config: dict[str, Any] | None = None) -> nn.Module:
+    """A complete open_clip model (its logit_scale kept) from a local checkpoint, for distillation."""
+    if config is not None:
+        _register_inline_config(name, config)
+    open_clip_config(name)
+    if not Path(pretrained).exists():
+        raise ClipkitConfigError(f"model.teacher.pretrained file not found: {pretrained} (train or export "
+                                 f"the teacher first, e.g. `make demo` then clipkit-export)")
+    return open_clip.create_model(name, pretrained=pretrained)

@@ -1,0 +1,156 @@
+"""Towers + loss as one module: the thing DeepSpeed wraps, so the loss's temperature and
+bias are optimized, clipped, checkpointed and ZeRO-partitioned like every other weight.
+
+The loss declares in `loss.needs` which model outputs its forward takes (by name); this
+module computes exactly those (`OUTPUTS` lists what it can make) and nothing else.
+Per-step training behaviours live here too, driven by `on_step(step)` so that they are the
+same on every rank and after a resume: TailDrop's k (`model.tail_drop_max`) and the end of
+FLIP patch dropout for the unmasked tuning phase (`model.unmasked_tuning_steps`).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipkit.models.outputs import (encode_image_parts, image_token_features, is_coca, is_vision_transformer,
+                                    text_token_features)
+
+OUTPUTS = {
+    "image": "pooled image features [b, D], L2-normalized",
+    "text": "pooled text features [b, D], L2-normalized",
+    "image_tokens": "patch-token features [b, N, D], each L2-normalized",
+    "image_mask": "None (every patch token is real)",
+    "text_tokens": "per-position text features [b, L, D], each L2-normalized",
+    "text_mask": "[b, L] bool, True on real (non-pad) tokens",
+    "caption_logits": "CoCa decoder logits [b, L-1, V]",
+    "caption_labels": "the next tokens [b, L-1]",
+    "teacher_image": "the frozen teacher's pooled image features [b, D_t]",
+    "teacher_text": "the frozen teacher's pooled text features [b, D_t]",
+    "teacher_logit_scale": "the teacher's exp(logit_scale), [1]",
+}
+
+
+class Teacher:
+    """A frozen open_clip model for distillation: always eval mode and no grad.
+
+    Deliberately not an nn.Module attribute of the objective: the teacher is not trained,
+    not ZeRO-partitioned and not written into checkpoints.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval().requires_grad_(False)
+        size = getattr(model.visual, "image_size", None)
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else size
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, tokens: torch.Tensor):
+        """-> (image [b, D_t], text [b, D_t], exp(logit_scale) [1]), all float32."""
+        param = next(self.model.parameters())
+        if param.device != images.device:
+            self.model.to(images.device)
+        images = images.to(param.dtype)
+        if self.image_size is not None and tuple(images.shape[-2:]) != tuple(self.image_size):
+            images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False)
+        image = F.normalize(self.model.encode_image(images).float(), dim=-1)
+        text = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return image, text, self.model.logit_scale.detach().float().exp().reshape(1)
+
+
+class ContrastiveObjective(nn.Module):
+    """forward(images [b,3,H,W], tokens [b,L]) -> (loss scalar, metrics of detached scalars).
+
+    `loss` may be None for eval-only use, where only `encode_image`/`encode_text` are called.
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module | None, *, teacher: Teacher | None = None,
+                 tail_drop_max: int = 0, unmasked_tuning_from_step: int | None = None, seed: int = 0,
+                 pad_id: int = 0):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self._teacher = teacher
+        self.tail_drop_max = tail_drop_max
+        self.unmasked_tuning_from_step = unmasked_tuning_from_step
+        self.seed = seed
+        self.pad_id = pad_id
+        self.drop_last = 0
+
+    def missing_outputs(self, needs: tuple[str, ...]) -> list[str]:
+        """The names in `needs` this model cannot produce (checked at build time)."""
+        can = {"image", "text"}
+        if is_vision_transformer(self.model.visual) and getattr(self.model.visual, "attn_pool", None) is None \
+                and hasattr(self.model, "token_embedding"):
+            can |= {"image_tokens", "image_mask", "text_tokens", "text_mask"}
+        if is_coca(self.model):
+            can |= {"caption_logits", "caption_labels"}
+        if self._teacher is not None:
+            can |= {"teacher_image", "teacher_text", "teacher_logit_scale"}
+        return [n for n in needs if n not in can]
+
+    def on_step(self, step: int) -> None:
+        """Called by the Trainer before step `step`'s forward, on every rank."""
+        if self.tail_drop_max:
+            # Seeded by the step alone: every rank drops the same k, and a resumed run repeats it.
+            self.drop_last = random.Random(self.seed * 1_000_003 + step).randint(0, self.tail_drop_max)
+        if self.unmasked_tuning_from_step is not None and step >= self.unmasked_tuning_from_step:
+            dropout = getattr(self.model.visual, "patch_dropout", None)
+            if dropout is not None and hasattr(dropout, "prob"):
+                dropout.prob = 0.0  # FLIP's unmasked tuning: full token sequences from here on
+
+    def _tower_dtype(self) -> torch.dtype:
+        # DeepSpeed casts the module for bf16 but not the inputs.
+        return next(self.model.parameters()).dtype
+
+    def _drop(self) -> int:
+        return self.drop_last if self.training else 0  # TailDrop is off in eval
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[b,3,H,W] -> [b,D] float32, L2-normalized (the loss math always runs in fp32)."""
+        images = images.to(self._tower_dtype())
+        if self._drop() and is_vision_transformer(self.model.visual):
+            pooled, _ = encode_image_parts(self.model.visual, images, self._drop())
+        else:
+            pooled = self.model.encode_image(images)
+        return F.normalize(pooled.float(), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[b,L] long -> [b,D] float32, L2-normalized."""
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[b,3,H,W] -> [b,N,D] float32 patch-token features, each L2-normalized."""
+        tokens = image_token_features(self.model.visual, images.to(self._tower_dtype()), self._drop())
+        return F.normalize(tokens.float(), dim=-1)
+
+    def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b,L] long -> ([b,L,D] float32 per-token features, L2-normalized; [b,L] bool mask)."""
+        features, mask = text_token_features(self.model, tokens, self.pad_id)
+        return F.normalize(features.float(), dim=-1), mask
+
+    def outputs(self, images: torch.Tensor, tokens: torch.Tensor, needs: tuple[str, ...]) -> dict:
+        """The named model outputs in `needs` (see OUTPUTS) for one batch."""
+        out: dict = {}
+        if "caption_logits" in needs:
+            pooled, image_embs = encode_image_parts(self.model.visual, images.to(self._tower_dtype()), self._drop())
+            coca = self.model(images, tokens, image_latent=F.normalize(pooled, dim=-1), image_embs=image_embs)
+            out.update(image=coca["image_features"].float(), text=coca["text_features"].float(),
+                       caption_logits=coca["logits"], caption_labels=coca["labels"])
+        if "image_tokens" in needs:
+            out.update(image_tokens=self.encode_image_tokens(images), image_mask=None)
+        if "text_tokens" in needs:
+            out["text_tokens"], out["text_mask"] = self.encode_text_tokens(tokens)
+        if "image" in needs and "image" not in out:
+            out["image"] = self.encode_image(images)
+        if "text" in needs and "text" not in out:
+            out["text"] = self.encode_text(tokens)
+        if "teacher_image" in needs:
+            out["teacher_image"], out["teacher_text"], out["teacher_logit_scale"] = \
+                self._teacher.features(images, tokens)
+        return {name: out[name] for name in needs}
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        return self.loss(**self.outputs(images, tokens, tuple(self.loss.needs)))

@@ -1,0 +1,47 @@
+"""`clipkit-train` / `python -m clipkit.train`: compose the Hydra config, build, fit, evaluate.
+
+    clipkit-train experiment=demo_digits                 # the README demo
+    clipkit-train experiment=demo_digits loss=siglip     # same run with the sigmoid loss
+    torchrun --nproc_per_node=2 -m clipkit.train experiment=demo_digits trainer=zero2
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from clipkit.config import CONF_DIR, preflight
+from clipkit.errors import ClipkitConfigError
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Runs one training job from a composed config; returns the final eval metrics."""
+    from clipkit.recipe import run_training  # deferred: keeps config errors fast
+
+    return run_training(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    from clipkit.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from clipkit.trainer import NonFiniteLossError
+
+    try:
+        train(cfg)
+    except (ClipkitConfigError, NonFiniteLossError) as err:
+        sys.exit(f"clipkit-train: error: {err}")
+    except Preempted as stop:
+        print(f"clipkit-train: {stop}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def main() -> None:
+    preflight("clipkit-train", "train", sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
