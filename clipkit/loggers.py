@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,11 @@ from clipkit.run_dir import RunDir
 
 
 class JsonlLogger:
-    """Appends one JSON object per `log` call; flushed each line so a crash loses nothing."""
+    """Appends one JSON object per `log` call; flushed each line so a crash loses nothing.
+
+    Each line also gets `time`, the wall clock in unix seconds (a float), unless the record
+    brings its own: steps alone cannot tell a slow stretch from a requeued job's wait in the queue.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -21,6 +26,7 @@ class JsonlLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+        clean.setdefault("time", time.time())
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
 

@@ -1,11 +1,18 @@
 """The step loop: batch -> engine forward/backward/step -> log, checkpoint, eval on cadence,
-and a checkpoint-then-stop when a preemption signal arrives (`clipkit.preemption`)."""
+and a checkpoint-then-stop when a preemption signal arrives (`clipkit.preemption`).
+
+Each log record also says where the time went over its window (`time/*_frac`, `StepTimes`);
+without a progress bar (`trainer.progress_bar=false`, as under SLURM) rank 0 writes the same
+summary as a plain line on the `clipkit.trainer` logger.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -13,6 +20,12 @@ from clipkit import distributed
 from clipkit.checkpoint import Checkpointer
 from clipkit.loggers import MetricLoggers
 from clipkit.preemption import PreemptionWatch
+
+log = logging.getLogger(__name__)
+
+# The first log window of a run also holds the data workers' start, the first shard opens and
+# the first steps' one-off costs (allocator, DeepSpeed setup): no warning is drawn from it.
+DATA_WAIT_WARMUP_WINDOWS = 1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -27,6 +40,66 @@ class TrainerSettings:
     checkpoint_every_n_steps: int = 0   # 0: only at the end
     eval_every_n_steps: int = 0         # 0: none during training
     progress_bar: bool = True
+    data_wait_warn_frac: float = 0.2    # warn once when waiting for data takes more of a log window
+
+
+class StepTimes:
+    """Seconds spent in each phase of the step over one log window, on the host's clock.
+
+    Phases: `data_wait` (blocked in `next(batches)`), `forward` (the batch to the device, then
+    the engine forward, the loss included), `backward` (`engine.backward`) and `optimizer`
+    (`engine.step`: clipping, the update, the lr schedule). The rest of the window is `other`:
+    the loss all-reduce (where a rank waits for slower ones), logging, checkpoints and evals.
+
+    With `synchronize` (the engine is on CUDA) the clock is read after `torch.cuda.synchronize()`:
+    kernels run asynchronously, so otherwise a phase would be charged for earlier phases'
+    kernels whenever it first blocks on the GPU.
+    """
+
+    PHASES = ("data_wait", "forward", "backward", "optimizer")
+
+    def __init__(self, synchronize: bool):
+        self.synchronize = synchronize
+        self.restart()
+
+    def clock(self) -> float:
+        if self.synchronize:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def restart(self) -> None:
+        """Starts a new window now."""
+        self.started = self.clock()
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = self.clock()
+        yield
+        self.seconds[name] += self.clock() - start
+
+    def close_window(self, steps: int) -> dict[str, float]:
+        """Ends the window of `steps` steps and starts the next. -> `time/step_s` (mean seconds
+        per step) and `time/<phase>_frac` for each phase and `other`: fractions of the window's
+        wall time, summing to 1."""
+        wall = max(self.clock() - self.started, 1e-9)
+        record = {"time/step_s": wall / max(steps, 1)}
+        record.update({f"time/{name}_frac": seconds / wall for name, seconds in self.seconds.items()})
+        record["time/other_frac"] = max(0.0, 1.0 - sum(self.seconds.values()) / wall)
+        self.restart()
+        return record
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m', 125 -> '2m05s', 42 -> '42s' (an ETA: minutes are enough past an hour)."""
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
 
 
 class Trainer:
@@ -51,6 +124,9 @@ class Trainer:
         self.preemption = preemption
         self.stop_requested = False
         self.preempted_at: int | None = None
+        self.times = StepTimes(synchronize=torch.device(engine.device).type == "cuda")
+        self._windows = 0            # log windows closed in this `fit`
+        self._warned_data_wait = False
 
     def _progress(self, start_step: int):
         if not (self.s.progress_bar and distributed.rank() == 0):
@@ -64,7 +140,10 @@ class Trainer:
         on_step = getattr(self.engine.module, "on_step", None)
         if on_step is not None:  # per-step model behaviour (TailDrop's k, FLIP's unmasked tuning)
             on_step(step)
-        loss, metrics = self.engine(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
+        # The loss is not timed apart from the towers: its backward (most of a chunked loss's
+        # work) runs inside engine.backward, so a forward-only loss share would understate it.
+        with self.times.phase("forward"):
+            loss, metrics = self.engine(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
         # One all-reduce carries the loss and the preemption flag: every rank learns of a signal
         # that reached any of them at this same step. The rank share is scaled by world size, so
         # the mean over ranks is the global loss.
@@ -76,8 +155,10 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss is {global_loss} at step {step}; the last checkpoint is intact. Lower optim.lr "
                 f"or trainer.grad_clip, or check the data")
-        self.engine.backward(loss)
-        self.engine.step()
+        with self.times.phase("backward"):
+            self.engine.backward(loss)
+        with self.times.phase("optimizer"):
+            self.engine.step()
         return {"train/loss": global_loss, **{f"train/{k}": float(v) for k, v in metrics.items()}}
 
     def fit(self, start_step: int) -> int:
@@ -85,23 +166,19 @@ class Trainer:
         bar = self._progress(start_step)
         batches = iter(self.batches)
         try:
-            step, t_last, step_last = start_step, time.perf_counter(), start_step
+            step = step_last = start_step
+            self._windows = 0
+            self.times.restart()
             for step in range(start_step + 1, self.s.max_steps + 1):
-                images, tokens = next(batches)
+                with self.times.phase("data_wait"):
+                    images, tokens = next(batches)
                 record = self.train_step(images, tokens, step)
                 if bar is not None:
                     bar.update(1)
                 if step % self.s.log_every_n_steps == 0 or step == self.s.max_steps:
-                    now = time.perf_counter()
-                    record["train/samples_per_s"] = (step - step_last) * self.s.global_batch_size / (now - t_last)
-                    record["train/lr"] = float(self.engine.get_lr()[0])
-                    t_last, step_last = now, step
-                    if self.data_stats is not None:
-                        record.update(self.data_stats())
-                    self.loggers.log({"step": step, **record})
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['train/loss']:.4f}",
-                                        samples_s=f"{record['train/samples_per_s']:.0f}")
+                    record.update(self._close_window(step - step_last))
+                    self._report(step_last + 1, step, record, bar)
+                    step_last = step
                 last = step == self.s.max_steps
                 preempted = self.stop_requested and not last
                 every = self.s.checkpoint_every_n_steps
@@ -122,3 +199,39 @@ class Trainer:
         if bar is not None:
             bar.close()
         return step
+
+    def _close_window(self, steps: int) -> dict[str, float]:
+        """Throughput, lr, the time split (`StepTimes`) and data stats for a log window of `steps` steps."""
+        times = self.times.close_window(steps)
+        samples_per_s = self.s.global_batch_size / times["time/step_s"]
+        record = {"train/samples_per_s": samples_per_s,
+                  "train/samples_per_s_per_rank": samples_per_s / distributed.world_size(),
+                  "train/lr": float(self.engine.get_lr()[0]), **times}
+        if self.data_stats is not None:
+            record.update(self.data_stats())
+        return record
+
+    def _report(self, first: int, step: int, record: dict[str, float], bar) -> None:
+        """Logs the window `first..step`: to the metric sinks, and on rank 0 to the progress bar's
+        postfix, or without a bar as a plain line (a batch job's log is not silent); warns once
+        when waiting for data takes over `data_wait_warn_frac` of a window after the warm-up."""
+        self.loggers.log({"step": step, **record})
+        self._windows += 1
+        if distributed.rank() != 0:
+            return
+        wait = record["time/data_wait_frac"]
+        if bar is not None:
+            # A dict, not keywords, which tqdm would sort by name.
+            bar.set_postfix({"loss": f"{record['train/loss']:.4f}",
+                             "samples/s": f"{record['train/samples_per_s']:.0f}", "data wait": f"{wait:.0%}"})
+        else:
+            eta = format_duration((self.s.max_steps - step) * record["time/step_s"])
+            log.info("step %d/%d  loss %.4f  %.0f samples/s  lr %.3g  data wait %.0f%%  ETA %s", step,
+                     self.s.max_steps, record["train/loss"], record["train/samples_per_s"], record["train/lr"],
+                     100 * wait, eta)
+        if (wait > self.s.data_wait_warn_frac and self._windows > DATA_WAIT_WARMUP_WINDOWS
+                and not self._warned_data_wait):
+            self._warned_data_wait = True
+            log.warning("steps %d-%d spent %.0f%% of their time waiting for data (warning above %.0f%%, shown "
+                        "once): the input pipeline holds training back; raise data.workers", first, step,
+                        100 * wait, 100 * self.s.data_wait_warn_frac)
