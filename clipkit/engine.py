@@ -77,15 +77,20 @@ def constant_with_warmup(optimizer: torch.optim.Optimizer, *, warmup_steps: int)
 SCHEDULES = ("cosine", "constant")
 
 
+def check_schedule(sched_cfg: Any) -> None:
+    """A one-line error for an unknown `sched.name`, before any process group exists."""
+    if sched_cfg.name not in SCHEDULES:
+        raise ClipkitConfigError(f"sched.name={sched_cfg.name!r} is not one of {', '.join(SCHEDULES)}")
+
+
 def build_schedule(optimizer: torch.optim.Optimizer, sched_cfg: Any, *,
                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """`sched:` section (`name` cosine | constant, `warmup_steps`, cosine's `min_lr_ratio`) -> scheduler."""
+    check_schedule(sched_cfg)
     if sched_cfg.name == "cosine":
         return cosine_with_warmup(optimizer, warmup_steps=sched_cfg.warmup_steps, total_steps=total_steps,
                                   min_lr_ratio=sched_cfg.min_lr_ratio)
-    if sched_cfg.name == "constant":
-        return constant_with_warmup(optimizer, warmup_steps=sched_cfg.warmup_steps)
-    raise ClipkitConfigError(f"sched.name={sched_cfg.name!r} is not one of {', '.join(SCHEDULES)}")
+    return constant_with_warmup(optimizer, warmup_steps=sched_cfg.warmup_steps)
 
 
 def initialize_engine(objective: nn.Module, optimizer: torch.optim.Optimizer,

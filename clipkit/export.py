@@ -12,12 +12,16 @@ from clipkit.checkpoint import export_open_clip
 from clipkit.errors import ClipkitConfigError
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkit-export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a clipkit run directory (outputs/<run_name>)")
     parser.add_argument("--tag", default=None, help="checkpoint tag; default: the latest complete one")
     parser.add_argument("--out", default=None, help="output directory; default: <run_dir>/export")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     try:
         weights = export_open_clip(args.run_dir, args.out, args.tag)
     except ClipkitConfigError as err:

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipkit import distributed
 from clipkit.checkpoint import Checkpointer, export_open_clip
 from clipkit.data import Source, TrainLoader, build_sources, build_train_loader
-from clipkit.engine import build_optimizer, build_schedule, initialize_engine, render_deepspeed_config
+from clipkit.engine import build_optimizer, build_schedule, check_schedule, initialize_engine, render_deepspeed_config
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval.runner import SearchConfig
 from clipkit.eval.scoring import build_scorer
@@ -192,6 +192,7 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     eval_specs = build_eval_specs(cfg.eval.sets)
     eval_search = build_search_config(cfg.eval)
     build_scorer(cfg.eval.get("scoring", "auto"))
+    check_schedule(cfg.sched)
     if cfg.eval.get("cache_dir"):
         # The cache is keyed by (model, set, step): two runs of one architecture would share
         # entries, and a run never re-embeds the same weights, so there is nothing to reuse.
@@ -292,7 +293,8 @@ def fit(run: Run) -> None:
         max_steps=cfg.trainer.max_steps, global_batch_size=cfg.data.global_batch_size,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         checkpoint_every_n_steps=cfg.trainer.checkpoint_every_n_steps,
-        eval_every_n_steps=cfg.eval.every_n_steps, progress_bar=cfg.trainer.progress_bar)
+        eval_every_n_steps=cfg.eval.every_n_steps, progress_bar=cfg.trainer.progress_bar,
+        data_wait_warn_frac=cfg.trainer.data_wait_warn_frac)
     signals = run.inputs.preempt_signals
     watch = PreemptionWatch(signals) if signals else None
     trainer = Trainer(run.engine, loader, settings, checkpointer=run.checkpointer, loggers=run.loggers,

@@ -86,7 +86,9 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(fast_run, digits_roo
 
 def test_clipkit_eval_scores_a_run_directory(fast_run, digits_root):
     out = digits_root / "outputs" / "eval_fast"
+    before = {p: p.stat().st_mtime_ns for p in fast_run.rglob("*")}
     proc = run_cli([sys.executable, "-m", "clipkit.evaluate", f"run_dir={fast_run}", f"out_dir={out}"], digits_root)
+    assert {p: p.stat().st_mtime_ns for p in fast_run.rglob("*")} == before, "clipkit-eval wrote into the run dir"
     assert "acc1" in proc.stdout
     train_acc1 = json.loads((fast_run / "eval" / "digits_zeroshot_classification.json").read_text())["metrics"]["acc1"]
     eval_acc1 = json.loads((out / fast_run.name / "digits_zeroshot_classification.json").read_text())["metrics"]["acc1"]
@@ -149,10 +151,15 @@ def test_demo_experiment_with_siglip(digits_root):
     ("trainer.max_stpes=5", "Could not override 'trainer.max_stpes'"),
     ("eval.search.index=annoy", "eval.search.index='annoy'"),
     ("eval.cache_dir=/tmp/emb", "eval.cache_dir is for clipkit-eval"),
+    ("model.config={a:", "cannot parse the override 'model.config={a:'"),
+    ("sched.name=linear", "sched.name='linear' is not one of cosine, constant"),
+    ("eval.scoring=dense", "eval.scoring='dense' is not one of auto, pooled, late_interaction"),
+    ("trainer.epochs=2 data.train_num_samples=null", "trainer.epochs=2 needs the epoch length"),
 ])
 def test_bad_input_is_one_line_before_any_worker(digits_root, override, expected):
-    proc = run_cli([*CONSOLE_TRAIN, "debug=fast", override], digits_root, check=False)
+    proc = run_cli([*CONSOLE_TRAIN, "debug=fast", "run_name=refused", *override.split(" ")], digits_root, check=False)
     assert proc.returncode != 0
+    assert not (digits_root / "outputs" / "refused").exists(), "a refused run left a run directory"
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert lines == [lines[-1]] and lines[-1].startswith("clipkit-train: error: ") and expected in lines[-1]
     assert "DeepSpeed" not in proc.stdout + proc.stderr   # failed before the process group existed

@@ -198,3 +198,23 @@ def test_result_folders_keep_models_apart() -> None:
     assert result_folder("local-dir:/x/export") == "local-dir_x_export"
     assert result_folder("ViT-B-32-a.pt") != result_folder("ViT-B-32-b.pt")
     assert result_folder("..") == "model"
+
+
+def test_eval_tie_tolerance_decides_a_near_tie():
+    """A wrong class scoring 5e-7 below the true one: ahead of it within the default 1e-6
+    tolerance (a miss), behind it at `eval.tie_tolerance=0` (a hit, as CLIP_benchmark counts)."""
+    from clipkit.eval.runner import SearchConfig
+    from clipkit.eval.suite import build_search_config
+    from omegaconf import OmegaConf
+
+    angle = math.acos(1 - 5e-7)
+    image = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    classifier = torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)]], dtype=torch.float64)
+    emb = EmbeddedSet(image.float(), torch.empty(0, 2), torch.empty(0, dtype=torch.long), torch.tensor([0]))
+    tasks = ["zeroshot_classification"]
+    default = evaluate_embedded(emb, tasks=tasks, classifier=classifier.float(), search=SearchConfig())
+    strict = build_search_config(OmegaConf.create({"tie_tolerance": 0.0}))
+    exact = evaluate_embedded(emb, tasks=tasks, classifier=classifier.float(), search=strict)
+    assert default["zeroshot_classification"]["acc1"] == 0.0 and exact["zeroshot_classification"]["acc1"] == 1.0
+    with pytest.raises(ClipkitConfigError, match="eval.tie_tolerance must be >= 0"):
+        build_search_config(OmegaConf.create({"tie_tolerance": -1.0}))
