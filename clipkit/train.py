@@ -48,6 +48,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("--from-open-clip-args"):
+        from clipkit.from_open_clip import main as from_open_clip_main  # prints a command, trains nothing
+
+        from_open_clip_main(sys.argv[1:])
+        return
     sys.argv[1:] = preflight("clipkit-train", "train", sys.argv[1:], check=check)
     _hydra_main()
 
