@@ -34,9 +34,9 @@ from clipkit.config import CONF_DIR
 AVAILABLE: dict[str, bool] = {
     "trainer.accum_steps": False,        # --accum-freq: exact gradient accumulation
     "model.grad_checkpointing": False,   # --grad-checkpointing
-    "trainer.epochs": False,             # --epochs with data.train_num_samples, instead of trainer.max_steps
-    "data.train_num_samples": False,
 }
+# --epochs is translated to trainer.max_steps even though clipkit has trainer.epochs: open_clip_train's
+# epoch rounds its step count up to a multiple of --workers, which trainer.epochs does not.
 
 
 class Flag(NamedTuple):
@@ -487,10 +487,7 @@ def _precision(a: dict[str, Any], t: Translation) -> None:
 def _trainer(a: dict[str, Any], given: dict[str, Any], t: Translation, spe: int | None,
              available: Mapping[str, bool]) -> None:
     epochs, accum = a["epochs"], a["accum_freq"]
-    if available["trainer.epochs"] and available["data.train_num_samples"]:
-        if a["train_num_samples"]:
-            t.overrides += [f"trainer.epochs={epochs}", f"data.train_num_samples={a['train_num_samples']}"]
-    elif spe is not None:
+    if spe is not None:
         t.overrides.append(f"trainer.max_steps={spe * epochs}")
         t.notes.append(f"trainer.max_steps = --epochs {epochs} × {spe} steps per open_clip_train epoch "
                        f"(ceil(ceil(N / (b·W)) / workers) × workers{' // accum' if accum > 1 else ''} "

@@ -34,9 +34,11 @@ def _command_lines(path: Path) -> list[str]:
     text = path.read_text()
     lines = []
     for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
-        lines += [line.strip() for line in block.splitlines()]
-    # Inline spans with arguments only: a bare `clipkit-export` names a program, it is no command.
-    lines += re.findall(r"`([^`\n]+ [^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        lines += [line.strip() for line in block.replace("\\\n", " ").splitlines()]   # join `\` continuations
+    # Inline spans with arguments only: a bare `clipkit-export` or `clipkit-train --flag` names a
+    # program or an option, it is no command.
+    lines += [span for span in re.findall(r"`([^`\n]+ [^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+              if not span.split()[-1].startswith("--")]
     found = []
     for line in lines:
         for part in line.split("&&"):
