@@ -4,6 +4,7 @@ configs, from a directory that has nothing of the repository in it."""
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -27,9 +28,13 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # A copy of the source tree: setuptools leaves build/ and *.egg-info beside the sources.
+    source = out / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "outputs", "data", "build", "*.egg-info", "__pycache__", ".pytest_cache", "wandb"))
     # --no-build-isolation: build with this environment's setuptools, no index needed.
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
-         REPO, dict(os.environ, PYTHONWARNINGS="ignore"))
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
+         source, dict(os.environ, PYTHONWARNINGS="ignore"))
     (path,) = out.glob("clipkit-*.whl")
     return path
 
