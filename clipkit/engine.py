@@ -17,19 +17,28 @@ from clipkit.errors import ClipkitConfigError
 
 
 def render_deepspeed_config(*, global_batch_size: int, world_size: int, zero_stage: int,
-                            precision: str, grad_clip: float | None) -> dict[str, Any]:
-    """The DeepSpeed config dict for one run (one optimizer step per global batch)."""
-    if global_batch_size % world_size:
+                            precision: str, grad_clip: float | None, accum_steps: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config dict for one run: one optimizer step per global batch, reached in
+    `accum_steps` micro-batches per rank (`clipkit.accumulation`)."""
+    if accum_steps < 1:
+        raise ClipkitConfigError(f"trainer.accum_steps must be >= 1, got {accum_steps}")
+    if global_batch_size % (world_size * accum_steps):
         raise ClipkitConfigError(
-            f"data.global_batch_size={global_batch_size} is not divisible by the world size {world_size}")
+            f"data.global_batch_size={global_batch_size} is not divisible by the world size {world_size}"
+            + (f" x trainer.accum_steps={accum_steps}" if accum_steps > 1 else ""))
+    if accum_steps > 1 and zero_stage == 3:
+        # ZeRO-3 gathers partitioned weights inside each engine forward; the loss step between
+        # the cached forwards reads the loss's own (partitioned) temperature outside of one.
+        raise ClipkitConfigError("trainer.accum_steps > 1 runs at ZeRO 0-2; ZeRO-3 is not supported with it "
+                                 "(the loss's temperature is read outside an engine forward)")
     if precision not in ("fp32", "bf16"):
         raise ClipkitConfigError(f"trainer.precision={precision!r}; use fp32 or bf16")
     if zero_stage not in (0, 1, 2, 3):
         raise ClipkitConfigError(f"trainer.zero_stage={zero_stage}; use 0, 1, 2 or 3")
     return {
         "train_batch_size": global_batch_size,
-        "train_micro_batch_size_per_gpu": global_batch_size // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": global_batch_size // (world_size * accum_steps),
+        "gradient_accumulation_steps": accum_steps,
         "gradient_clipping": float(grad_clip or 0.0),
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": precision == "bf16"},

@@ -177,5 +177,8 @@ class ContrastiveObjective(nn.Module):
                 self._teacher.features(images, tokens)
         return {name: out[name] for name in needs}
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        return self.loss(**self.outputs(images, tokens, tuple(self.loss.needs)))
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, outputs_only: bool = False):
+        """-> (loss, metrics); with `outputs_only`, the loss's inputs instead (`outputs(..., loss.needs)`),
+        which exact gradient accumulation (`clipkit.accumulation`) forwards through the engine."""
+        outputs = self.outputs(images, tokens, tuple(self.loss.needs))
+        return outputs if outputs_only else self.loss(**outputs)

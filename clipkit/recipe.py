@@ -39,7 +39,7 @@ from clipkit.eval.runner import SearchConfig
 from clipkit.eval.scoring import build_scorer
 from clipkit.eval.suite import EvalSetSpec, EvalSuite, build_eval_specs, build_search_config, check_captioning
 from clipkit.loggers import MetricLoggers, build_loggers
-from clipkit.models import ModelBundle, build_model, build_teacher_model, lock_towers, open_clip_config
+from clipkit.models import ModelBundle, build_model, build_teacher_model, compile_towers, lock_towers, open_clip_config
 from clipkit.objective import ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
 from clipkit.preemption import (Preempted, PreemptionWatch, ignore_preemption_signals, parse_signals,
@@ -111,11 +111,13 @@ def _plain(node) -> Any:
 
 
 def build_towers(model_cfg: DictConfig) -> ModelBundle:
-    """`model:` section -> open_clip towers (LiT locks and FLIP patch dropout applied),
-    transforms and tokenizer."""
+    """`model:` section -> open_clip towers (LiT locks, FLIP patch dropout and activation
+    checkpointing applied), transforms and tokenizer."""
     bundle = build_model(model_cfg.name, pretrained=model_cfg.pretrained, config=_plain(model_cfg.config),
                          patch_dropout=float(model_cfg.get("patch_dropout", 0.0)))
     lock_towers(bundle.model, image=_plain(model_cfg.get("lock_image")), text=_plain(model_cfg.get("lock_text")))
+    if model_cfg.get("grad_checkpointing"):
+        bundle.model.set_grad_checkpointing(True)
     return bundle
 
 
@@ -167,7 +169,7 @@ def build_engine(objective: torch.nn.Module, *, optim_cfg: DictConfig, sched_cfg
                  trainer_cfg: DictConfig, global_batch_size: int, world_size: int):
     ds_config = render_deepspeed_config(
         global_batch_size=global_batch_size, world_size=world_size, zero_stage=trainer_cfg.zero_stage,
-        precision=trainer_cfg.precision, grad_clip=trainer_cfg.grad_clip)
+        precision=trainer_cfg.precision, grad_clip=trainer_cfg.grad_clip, accum_steps=trainer_cfg.accum_steps)
     optimizer = build_optimizer(objective, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
                                 betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     scheduler = build_schedule(optimizer, sched_cfg, total_steps=trainer_cfg.max_steps)
@@ -193,6 +195,11 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     eval_search = build_search_config(cfg.eval)
     build_scorer(cfg.eval.get("scoring", "auto"))
     check_schedule(cfg.sched)
+    # Batch split, precision, ZeRO stage and accumulation, for the world size the launcher set.
+    render_deepspeed_config(
+        global_batch_size=cfg.data.global_batch_size, world_size=distributed.env_dist_info().world_size,
+        zero_stage=cfg.trainer.zero_stage, precision=cfg.trainer.precision, grad_clip=cfg.trainer.grad_clip,
+        accum_steps=cfg.trainer.accum_steps)
     if cfg.eval.get("cache_dir"):
         # The cache is keyed by (model, set, step): two runs of one architecture would share
         # entries, and a run never re-embeds the same weights, so there is nothing to reuse.
@@ -248,6 +255,8 @@ def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Ru
     loss = build_loss(cfg.loss, bundle)
     objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed,
                                 loss_name=cfg.loss.name)
+    if cfg.trainer.compile:
+        log.info("torch.compile: %s (compiled on the first step)", ", ".join(compile_towers(bundle.model)))
     engine = build_engine(objective, optim_cfg=cfg.optim, sched_cfg=cfg.sched, trainer_cfg=cfg.trainer,
                           global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size)
     if dist.is_main:
@@ -294,7 +303,7 @@ def fit(run: Run) -> None:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         checkpoint_every_n_steps=cfg.trainer.checkpoint_every_n_steps,
         eval_every_n_steps=cfg.eval.every_n_steps, progress_bar=cfg.trainer.progress_bar,
-        data_wait_warn_frac=cfg.trainer.data_wait_warn_frac)
+        data_wait_warn_frac=cfg.trainer.data_wait_warn_frac, accum_steps=cfg.trainer.accum_steps)
     signals = run.inputs.preempt_signals
     watch = PreemptionWatch(signals) if signals else None
     trainer = Trainer(run.engine, loader, settings, checkpointer=run.checkpointer, loggers=run.loggers,

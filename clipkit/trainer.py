@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from clipkit import distributed
+from clipkit.accumulation import CachedGradientStep
 from clipkit.checkpoint import Checkpointer
 from clipkit.loggers import MetricLoggers
 from clipkit.preemption import PreemptionWatch
@@ -41,6 +42,7 @@ class TrainerSettings:
     eval_every_n_steps: int = 0         # 0: none during training
     progress_bar: bool = True
     data_wait_warn_frac: float = 0.2    # warn once when waiting for data takes more of a log window
+    accum_steps: int = 1                # > 1: exact accumulation over micro-batches (clipkit.accumulation)
 
 
 class StepTimes:
@@ -125,6 +127,7 @@ class Trainer:
         self.stop_requested = False
         self.preempted_at: int | None = None
         self.times = StepTimes(synchronize=torch.device(engine.device).type == "cuda")
+        self.accumulation = CachedGradientStep(engine, settings.accum_steps) if settings.accum_steps > 1 else None
         self._windows = 0            # log windows closed in this `fit`
         self._warned_data_wait = False
 
@@ -142,8 +145,9 @@ class Trainer:
             on_step(step)
         # The loss is not timed apart from the towers: its backward (most of a chunked loss's
         # work) runs inside engine.backward, so a forward-only loss share would understate it.
-        with self.times.phase("forward"):
-            loss, metrics = self.engine(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
+        forward = self.accumulation.forward if self.accumulation is not None else self.engine
+        with self.times.phase("forward"):   # with accumulation: the cached forwards and the loss's gradients
+            loss, metrics = forward(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
         # One all-reduce carries the loss and the preemption flag: every rank learns of a signal
         # that reached any of them at this same step. The rank share is scaled by world size, so
         # the mean over ranks is the global loss.
@@ -155,10 +159,16 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss is {global_loss} at step {step}; the last checkpoint is intact. Lower optim.lr "
                 f"or trainer.grad_clip, or check the data")
-        with self.times.phase("backward"):
-            self.engine.backward(loss)
+        with self.times.phase("backward"):  # with accumulation: every micro-batch's re-forward and backward
+            if self.accumulation is not None:
+                self.accumulation.backward()
+            else:
+                self.engine.backward(loss)
         with self.times.phase("optimizer"):
-            self.engine.step()
+            if self.accumulation is not None:
+                self.accumulation.optimizer_step()
+            else:
+                self.engine.step()
         return {"train/loss": global_loss, **{f"train/{k}": float(v) for k, v in metrics.items()}}
 
     def fit(self, start_step: int) -> int:

@@ -151,3 +151,24 @@ def build_teacher_model(name: str, pretrained: str, config: dict[str, Any] | Non
         raise ClipkitConfigError(f"model.teacher.pretrained file not found: {pretrained} (train or export "
                                  f"the teacher first, e.g. `make demo` then clipkit-export)")
     return open_clip.create_model(name, pretrained=pretrained)
+
+
+def compile_towers(model: nn.Module) -> list[str]:
+    """`trainer.compile=true`: torch.compile each transformer stack of the towers, in place.
+
+    `nn.Module.compile` compiles a module's forward without wrapping it, so parameter names (and
+    with them checkpoints and the open_clip export) stay those of the eager model. The stacks
+    are compiled rather than whole towers because TailDrop, FILIP and CoCa call a tower's parts
+    (`_embeds`, `transformer`, `_pool`) directly. Returns the compiled modules' names.
+    """
+    stacks = {"visual.transformer": getattr(getattr(model, "visual", None), "transformer", None),
+              "transformer": getattr(model, "transformer", None),
+              "text.transformer": getattr(getattr(model, "text", None), "transformer", None),
+              "text_decoder": getattr(model, "text_decoder", None)}
+    compiled = []
+    for name, module in stacks.items():
+        if isinstance(module, nn.Module):
+            module.compile()
+            compiled.append(name)
+    return compiled
+

@@ -33,8 +33,9 @@ def _command_lines(path: Path) -> list[str]:
     """Lines of fenced code blocks, and inline `code` spans, that start with a program above."""
     text = path.read_text()
     lines = []
-    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
-        lines += [line.strip() for line in block.replace("\\\n", " ").splitlines()]   # join `\` continuations
+    for language, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):
+        if language in ("", "bash", "sh", "console"):   # not yaml, json, python, text
+            lines += [line.strip() for line in block.replace("\\\n", " ").splitlines()]   # join `\` continuations
     # Inline spans with arguments only: a bare `clipkit-export` or `clipkit-train --flag` names a
     # program or an option, it is no command.
     lines += [span for span in re.findall(r"`([^`\n]+ [^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
@@ -43,7 +44,7 @@ def _command_lines(path: Path) -> list[str]:
     for line in lines:
         for part in line.split("&&"):
             part = part.strip()
-            if part.startswith(PROGRAMS) and not part.startswith(("make test-", "torchrun`")):
+            if part.split() and part.split()[0] in PROGRAMS and not part.startswith("make test-"):
                 found.append(part)
     return found
 

@@ -30,8 +30,13 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     # A copy of the source tree: setuptools leaves build/ and *.egg-info beside the sources.
     source = out / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "outputs", "data", "build", "*.egg-info", "__pycache__", ".pytest_cache", "wandb"))
+    top_level_only = {".git", ".venv", "outputs", "data", "build", "wandb", ".pytest_cache"}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+        return skip | (top_level_only & set(names) if Path(folder) == REPO else set())
+
+    shutil.copytree(REPO, source, ignore=ignore)
     # --no-build-isolation: build with this environment's setuptools, no index needed.
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
          source, dict(os.environ, PYTHONWARNINGS="ignore"))
