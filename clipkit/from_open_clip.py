@@ -32,8 +32,8 @@ from clipkit.config import CONF_DIR
 
 # clipkit keys for open_clip_train features -> whether they compose in this tree (flip when they land).
 AVAILABLE: dict[str, bool] = {
-    "trainer.accum_steps": False,        # --accum-freq: exact gradient accumulation
-    "model.grad_checkpointing": False,   # --grad-checkpointing
+    "trainer.accum_steps": True,         # --accum-freq: exact gradient accumulation
+    "model.grad_checkpointing": True,    # --grad-checkpointing
 }
 # --epochs is translated to trainer.max_steps even though clipkit has trainer.epochs: open_clip_train's
 # epoch rounds its step count up to a multiple of --workers, which trainer.epochs does not.

@@ -221,8 +221,9 @@ def test_unmapped_flags_come_with_reasons():
     assert all(reason for reason in unmapped.values())
     assert "no fp16" in unmapped["--precision"] and "torch.compile" in unmapped["--torchcompile"]
     assert "model.pretrained=<file>" in unmapped["--resume"] and "AdamW" in unmapped["--opt"]
-    assert unmapped["--grad-checkpointing"].startswith("no equivalent yet")
-    assert unmapped["--accum-freq"].startswith("no equivalent yet")
+    # Both exist in clipkit: exact accumulation and open_clip's activation checkpointing.
+    assert "--grad-checkpointing" not in unmapped and "--accum-freq" not in unmapped
+    assert {"model.grad_checkpointing=true", "trainer.accum_steps=4"} <= set(t.overrides)
     assert "--epochs-cooldown" in unmapped and "const-cooldown" in unmapped["--lr-scheduler"]
     assert unmapped["--no-such-flag"] == "not an open_clip_train flag" and "3" not in unmapped
     assert unmapped["stray"].startswith("stray argument") and "hf-hub" in unmapped["--model"]
