@@ -87,15 +87,6 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s Python object on every rank."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """[b, ...] per rank -> [W*b, ...] in rank order, no autograd. `x` itself on 1 process."""
     if not is_initialized() or dist.get_world_size() == 1:

@@ -45,7 +45,7 @@ from clipkit.plots import plot_training_curves
 from clipkit.preemption import (Preempted, PreemptionWatch, ignore_preemption_signals, parse_signals,
                                 requeue_slurm_job)
 from clipkit.run_dir import RunDir, atomic_write_text
-from clipkit.trainer import Trainer, TrainerSettings
+from clipkit.trainer import NONFINITE_POLICIES, Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,9 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     eval_search = build_search_config(cfg.eval)
     build_scorer(cfg.eval.get("scoring", "auto"))
     check_schedule(cfg.sched)
+    if cfg.trainer.nonfinite not in NONFINITE_POLICIES:
+        raise ClipkitConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r} is not one of "
+                                 f"{', '.join(NONFINITE_POLICIES)}")
     # Batch split, precision, ZeRO stage and accumulation, for the world size the launcher set.
     render_deepspeed_config(
         global_batch_size=cfg.data.global_batch_size, world_size=distributed.env_dist_info().world_size,
@@ -303,13 +306,14 @@ def fit(run: Run) -> None:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         checkpoint_every_n_steps=cfg.trainer.checkpoint_every_n_steps,
         eval_every_n_steps=cfg.eval.every_n_steps, progress_bar=cfg.trainer.progress_bar,
-        data_wait_warn_frac=cfg.trainer.data_wait_warn_frac, accum_steps=cfg.trainer.accum_steps)
+        data_wait_warn_frac=cfg.trainer.data_wait_warn_frac, accum_steps=cfg.trainer.accum_steps,
+        nonfinite=cfg.trainer.nonfinite, max_consecutive_skips=cfg.trainer.max_consecutive_skips)
     signals = run.inputs.preempt_signals
     watch = PreemptionWatch(signals) if signals else None
     trainer = Trainer(run.engine, loader, settings, checkpointer=run.checkpointer, loggers=run.loggers,
                       evaluate=run.evaluate if run.inputs.eval_specs else None,
                       client_state=lambda step: {"step": step, "data": loader.gather_state()},
-                      data_stats=loader.stats, preemption=watch)
+                      data_stats=loader.stats, preemption=watch, batch_keys=lambda: loader.last_batch_keys)
     try:
         trainer.fit(run.start_step)
     finally:

@@ -29,8 +29,23 @@ log = logging.getLogger(__name__)
 DATA_WAIT_WARMUP_WINDOWS = 1
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised on every rank at once (the loss is all-reduced first), so none hangs."""
+
+
+def _gradients_finite(engine) -> bool:
+    """Collective: False when any rank's reduced gradient holds a NaN or inf.
+
+    Only the plain fp32 ZeRO-0 engine needs this: DeepSpeed's ZeRO 1-3 and bf16 optimizers check
+    the gradient norm themselves, skip such a step and say so through `engine.was_step_applied()`.
+    """
+    if hasattr(engine.optimizer, "overflow"):
+        return True
+    bad = any(not bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters() if p.grad is not None)
+    return float(distributed.all_reduce(torch.tensor([float(bad)]), "max")) == 0.0
 
 
 @dataclass
@@ -43,6 +58,8 @@ class TrainerSettings:
     progress_bar: bool = True
     data_wait_warn_frac: float = 0.2    # warn once when waiting for data takes more of a log window
     accum_steps: int = 1                # > 1: exact accumulation over micro-batches (clipkit.accumulation)
+    nonfinite: str = "stop"             # a NaN/inf loss or gradient: stop | skip the step (NONFINITE_POLICIES)
+    max_consecutive_skips: int = 10     # skip: stop after this many non-finite steps in a row
 
 
 class StepTimes:
@@ -111,10 +128,12 @@ class Trainer:
                  loggers: MetricLoggers, evaluate: Callable[[int], dict[str, float]] | None,
                  client_state: Callable[[int], dict[str, Any]],
                  data_stats: Callable[[], dict[str, float]] | None = None,
-                 preemption: PreemptionWatch | None = None):
+                 preemption: PreemptionWatch | None = None,
+                 batch_keys: Callable[[], list[str]] | None = None):
         """`client_state(step)` and `data_stats()` are called on every rank at the same step
         (both may be collectives): the first goes into each checkpoint, the second into each log record.
-        After `fit`, `preempted_at` is the step a preemption signal stopped the run at (None: it ran out)."""
+        After `fit`, `preempted_at` is the step a preemption signal stopped the run at (None: it ran out).
+        `batch_keys()` names this rank's samples of the last batch, for the non-finite report."""
         self.engine = engine
         self.batches = batches
         self.s = settings
@@ -124,6 +143,11 @@ class Trainer:
         self.client_state = client_state
         self.data_stats = data_stats
         self.preemption = preemption
+        self.batch_keys = batch_keys
+        if settings.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"trainer.nonfinite={settings.nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}")
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
         self.stop_requested = False
         self.preempted_at: int | None = None
         self.times = StepTimes(synchronize=torch.device(engine.device).type == "cuda")
@@ -155,21 +179,56 @@ class Trainer:
         summed = distributed.all_reduce(torch.stack([loss.detach().float().reshape(()), loss.new_tensor(flag).float()]))
         global_loss = float(summed[0]) / distributed.world_size()
         self.stop_requested = float(summed[1]) > 0
+        record = {"train/loss": global_loss, **{f"train/{k}": float(v) for k, v in metrics.items()}}
         if not torch.isfinite(torch.tensor(global_loss)):
-            raise NonFiniteLossError(
-                f"loss is {global_loss} at step {step}; the last checkpoint is intact. Lower optim.lr "
-                f"or trainer.grad_clip, or check the data")
+            # Nothing was backpropagated: the step is dropped before it touches any gradient.
+            return self._nonfinite(step, f"loss is {global_loss}", record)
         with self.times.phase("backward"):  # with accumulation: every micro-batch's re-forward and backward
             if self.accumulation is not None:
                 self.accumulation.backward()
             else:
                 self.engine.backward(loss)
         with self.times.phase("optimizer"):
+            finite = _gradients_finite(self.engine)
+            if not finite:   # fp32 ZeRO-0: no update from these gradients; the step closes the boundary
+                for p in self.engine.module.parameters():
+                    p.grad = None
             if self.accumulation is not None:
                 self.accumulation.optimizer_step()
             else:
                 self.engine.step()
-        return {"train/loss": global_loss, **{f"train/{k}": float(v) for k, v in metrics.items()}}
+        if not finite or not self.engine.was_step_applied():
+            return self._nonfinite(step, "the gradient is not finite", record)
+        self._consecutive_skips = 0
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            record["train/grad_norm"] = float(norm)
+        record["train/skipped_steps"] = self.skipped_steps
+        return record
+
+    def _nonfinite(self, step: int, what: str, record: dict[str, float]) -> dict[str, float]:
+        """Every rank arrives here at the same step (the decision came from a collective). Names the
+        batch's sample keys on every rank; raises under `stop`, or after too many skips in a row."""
+        keys = distributed.all_gather_object(self.batch_keys() if self.batch_keys is not None else [])
+        named = [key for rank_keys in keys for key in rank_keys]
+        sample = f"{', '.join(named[:8])}{f' and {len(named) - 8} more' if len(named) > 8 else ''}" or "unknown"
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        if self.s.nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"{what} at step {step} (batch samples: {sample}); the last checkpoint is intact. Lower optim.lr "
+                f"or trainer.grad_clip, check those samples, or set trainer.nonfinite=skip")
+        if self._consecutive_skips > self.s.max_consecutive_skips:
+            raise NonFiniteLossError(
+                f"{what} at step {step}: {self._consecutive_skips} non-finite steps in a row (trainer."
+                f"max_consecutive_skips={self.s.max_consecutive_skips}); the last checkpoint is intact. Lower "
+                f"optim.lr or trainer.grad_clip, or check the data (last batch samples: {sample})")
+        if distributed.rank() == 0:
+            log.warning("step %d skipped: %s (trainer.nonfinite=skip; %d skipped in all); batch samples: %s",
+                        step, what, self.skipped_steps, sample)
+        self.loggers.log({"step": step, "train/skipped_step": 1.0, "train/skipped_steps": self.skipped_steps,
+                          "train/skipped_keys": named})
+        return {**record, "train/skipped_steps": self.skipped_steps}
 
     def fit(self, start_step: int) -> int:
         """Returns the last step run; checkpoints at the end."""

@@ -135,6 +135,7 @@ class TrainLoader:
         self.samples_per_source = list(state["samples_per_source"]) if state else [0] * len(self.sources)
         self.skipped: Counter[str] = Counter(state["skipped"] if state else {})
         self.keys = KeyLog(keys_path, self.batches) if keys_path is not None else None
+        self.last_batch_keys: list[str] = []   # "<url>#<key>" of the last batch handed out
 
     def _layout(self) -> dict[str, Any]:
         s = self.settings
@@ -184,6 +185,7 @@ class TrainLoader:
             self.samples_per_source[i] += n
         self.skipped.update(meta["skipped"])
         self.batches += 1
+        self.last_batch_keys = list(meta["keys"])
         if self.keys is not None:
             self.keys.write(self.batches, meta["keys"])
 

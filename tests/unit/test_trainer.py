@@ -22,6 +22,10 @@ PHASE_KEYS = ["time/data_wait_frac", "time/forward_frac", "time/backward_frac", 
 class FakeObjective:
     def __init__(self):
         self.on_step_calls: list[int] = []
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+
+    def parameters(self):
+        return iter([self.weight])
 
     def on_step(self, step: int) -> None:
         self.on_step_calls.append(step)
@@ -32,13 +36,19 @@ class FakeEngine:
     `sleep_s` maps a phase ("forward", "backward", "optimizer") to seconds it takes."""
 
     def __init__(self, losses: dict[int, float] | None = None, sleep_s: dict[str, float] | None = None,
-                 raise_at: int | None = None):
+                 raise_at: int | None = None, nan_grad_at: tuple[int, ...] = (), overflow_at: tuple[int, ...] = ()):
+        """`nan_grad_at`: forwards whose backward leaves a NaN gradient (the plain fp32 engine);
+        `overflow_at`: forwards whose step DeepSpeed's own optimizer skips (ZeRO 1-3, bf16)."""
         self.device = torch.device("cpu")
         self.module = FakeObjective()
         self.losses = losses or {}
         self.sleep_s = sleep_s or {}
         self.raise_at = raise_at
+        self.nan_grad_at, self.overflow_at = nan_grad_at, overflow_at
+        self.optimizer = type("TorchOptimizer", (), {})() if not overflow_at else type("ZeroOptimizer", (), {"overflow": False})()
         self.forwards = self.backwards = self.steps = 0
+        self.updates: list[int] = []   # forwards whose step applied finite gradients
+        self._applied = True
 
     def _take(self, phase: str) -> None:
         if self.sleep_s.get(phase):
@@ -53,11 +63,24 @@ class FakeEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.backwards += 1
+        self.module.weight.grad = torch.full((3,), math.nan if self.forwards in self.nan_grad_at else 1.0)
         self._take("backward")
 
     def step(self) -> None:
         self.steps += 1
+        grad = self.module.weight.grad
+        self._applied = self.forwards not in self.overflow_at
+        if self._applied and grad is not None:
+            assert torch.isfinite(grad).all(), "a non-finite gradient reached the optimizer"
+            self.updates.append(self.forwards)
+        self.module.weight.grad = None
         self._take("optimizer")
+
+    def was_step_applied(self) -> bool:
+        return self._applied
+
+    def get_global_grad_norm(self) -> float:
+        return 1.7
 
     def get_lr(self) -> list[float]:
         return [1e-3]
@@ -123,7 +146,8 @@ class FakeWatch:
 
 
 def make_trainer(*, max_steps=10, log_every=3, ckpt_every=0, eval_every=0, progress_bar=False,
-                 engine=None, batches=None, watch_at=None, sinks=None, warn_frac=0.2):
+                 engine=None, batches=None, watch_at=None, sinks=None, warn_frac=0.2, nonfinite="stop",
+                 max_skips=10):
     engine = engine or FakeEngine()
     batches = batches or Batches()
     checkpointer, sink = FakeCheckpointer(), ListSink()
@@ -135,12 +159,14 @@ def make_trainer(*, max_steps=10, log_every=3, ckpt_every=0, eval_every=0, progr
 
     settings = TrainerSettings(max_steps=max_steps, global_batch_size=8, log_every_n_steps=log_every,
                                checkpoint_every_n_steps=ckpt_every, eval_every_n_steps=eval_every,
-                               progress_bar=progress_bar, data_wait_warn_frac=warn_frac)
+                               progress_bar=progress_bar, data_wait_warn_frac=warn_frac, nonfinite=nonfinite,
+                               max_consecutive_skips=max_skips)
     trainer = Trainer(engine, batches, settings, checkpointer=checkpointer,
                       loggers=MetricLoggers(sinks if sinks is not None else [sink]), evaluate=evaluate,
                       client_state=lambda step: {"step": step},
                       data_stats=lambda: {"data/epoch": 0},
-                      preemption=FakeWatch(engine, watch_at) if watch_at is not None else None)
+                      preemption=FakeWatch(engine, watch_at) if watch_at is not None else None,
+                      batch_keys=lambda: [f"shard.tar#{engine.forwards:04d}a", f"shard.tar#{engine.forwards:04d}b"])
     return trainer, engine, batches, checkpointer, sink, evals
 
 
@@ -189,7 +215,8 @@ def test_non_finite_loss_stops_before_backward_and_checkpoints_nothing_more():
     engine = FakeEngine(losses={3: math.nan})
     trainer, engine, batches, ckpt, sink, evals = make_trainer(max_steps=10, ckpt_every=1, log_every=1,
                                                                engine=engine)
-    with pytest.raises(NonFiniteLossError, match="at step 3"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3 \(batch samples: shard.tar#0003a, "
+                                                 r"shard.tar#0003b\).*trainer.nonfinite=skip"):
         trainer.fit(0)
     assert engine.forwards == 3 and engine.backwards == engine.steps == 2
     assert [step for step, _ in ckpt.saved] == [1, 2]
@@ -306,3 +333,53 @@ def test_jsonl_lines_carry_the_wall_clock_time(tmp_path):
                                            (3725, "1h02m"), (90061, "25h01m")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_skip_drops_a_non_finite_loss_step_logs_its_samples_and_goes_on(caplog):
+    engine = FakeEngine(losses={3: math.nan})
+    trainer, engine, batches, ckpt, sink, evals = make_trainer(max_steps=6, log_every=1, engine=engine,
+                                                               nonfinite="skip")
+    with caplog.at_level(logging.WARNING, logger="clipkit.trainer"):
+        assert trainer.fit(0) == 6
+    assert engine.forwards == 6 and engine.backwards == 5 and engine.updates == [1, 2, 4, 5, 6]
+    skipped = [r for r in sink.records if r.get("train/skipped_step")]
+    assert [(r["step"], r["train/skipped_keys"]) for r in skipped] == [(3, ["shard.tar#0003a", "shard.tar#0003b"])]
+    assert train_records(sink)[-1]["train/skipped_steps"] == 1 and train_records(sink)[-1]["train/grad_norm"] == 1.7
+    assert "step 3 skipped: loss is nan" in caplog.text and "shard.tar#0003a" in caplog.text
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_non_finite_gradient_never_reaches_the_optimizer(policy):
+    engine = FakeEngine(nan_grad_at=(4,))
+    trainer, engine, batches, ckpt, sink, evals = make_trainer(max_steps=6, log_every=1, engine=engine,
+                                                               nonfinite=policy)
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match=r"the gradient is not finite at step 4 \(batch samples: shard"):
+            trainer.fit(0)
+        assert engine.updates == [1, 2, 3]
+    else:
+        trainer.fit(0)
+        assert engine.updates == [1, 2, 3, 5, 6] and trainer.skipped_steps == 1
+    assert engine.steps == 4 if policy == "stop" else 6   # the skipped step still closes DeepSpeed's boundary
+
+
+def test_a_step_deepspeed_skipped_for_overflow_counts_as_non_finite():
+    engine = FakeEngine(overflow_at=(2,))
+    trainer, engine, batches, ckpt, sink, evals = make_trainer(max_steps=4, log_every=1, engine=engine,
+                                                               nonfinite="skip")
+    trainer.fit(0)
+    assert engine.updates == [1, 3, 4] and [r["step"] for r in sink.records if r.get("train/skipped_step")] == [2]
+
+
+def test_too_many_skips_in_a_row_stop_the_run():
+    engine = FakeEngine(losses={2: math.nan, 3: math.inf, 4: math.nan, 6: math.nan})
+    trainer, engine, batches, ckpt, sink, evals = make_trainer(max_steps=10, log_every=1, engine=engine,
+                                                               nonfinite="skip", max_skips=2)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
+        trainer.fit(0)
+    assert engine.forwards == 4 and engine.updates == [1]
+
+
+def test_an_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="trainer.nonfinite='ignore'"):
+        make_trainer(nonfinite="ignore")
