@@ -2,7 +2,7 @@
 
 `model.name` is any open_clip architecture (`ViT-B-32`, `RN50`, ...), random init unless
 `model.pretrained` names a tag or a local file. `model.config` is an inline open_clip
-model config (the same schema as open_clip's JSON files, e.g. `conf/model/tiny.yaml`);
+model config (the same schema as open_clip's JSON files, e.g. `conf/model/tiny_vit.yaml`);
 it is registered under `model.name` so tokenizer and transforms come from open_clip's
 own factory exactly as for a built-in name.
 
