@@ -171,17 +171,19 @@ def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: t
     for lo, hi in _chunks(q.shape[0], chunk):
         qc = q[lo:hi].to(cdt)
         logits = torch.addmm(beta, qc * s, kc.T)  # bias added in the GEMM's output pass
-        # Negatives cost softplus(l), positives softplus(−l): swap the diagonal's term
-        # rather than computing softplus(l) − l, which cancels catastrophically.
-        total += F.softplus(logits).sum()
+        # z = −y·l: the positives' logits negated in place (an O(chunk) diagonal view), so that
+        # every pair costs softplus(z) and nothing cancels. Adding softplus(−l) − softplus(l)
+        # to a sum over all pairs instead loses a positive's term whenever l ≫ 0 (at B = 1,
+        # l = 71.7 that gave 0 for 7e-32).
         if row_offset is not None:
-            pos = _positive_columns(logits, lo + row_offset)
-            total += F.softplus(-pos).sum() - F.softplus(pos).sum()
+            _positive_columns(logits, lo + row_offset).neg_()
+        total += F.softplus(logits).sum()
         if not need_grads:
             continue
+        # G = σ(l) − [y = +1] is σ(z) off the diagonal and −σ(−l) = −σ(z) on it: no 1 − σ cancellation.
         grad = logits.sigmoid_()
         if row_offset is not None:
-            _positive_columns(grad, lo + row_offset).sub_(1.0)
+            _positive_columns(grad, lo + row_offset).neg_()
         grad_sum += grad.sum()
         torch.mm(grad, kc, out=dq[lo:hi])
         dk.addmm_(grad.T, qc)

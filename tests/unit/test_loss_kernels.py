@@ -183,6 +183,39 @@ def test_fused_siglip_triton_matches_reference_in_float64(b, scale, bias, chunk,
     assert_same(got, value_and_grads(siglip_loss, (img, txt, s, bb)))
 
 
+def far_logits(case: str) -> tuple[torch.Tensor, ...]:
+    """(image [B, D], text [B, D], s [1], β) in float64 with every logit l beyond ±50.
+
+    b1: B = 1, l = 71.7 (loss softplus(−71.7) = 6.9e-32). tiny: positives at +100, negatives
+    at −100 or −300, so every term is below 1e-43 (a sum over all pairs that then swaps the
+    positives' terms returns 0). large: positives at −100, negatives at +100 (loss 100 a pair).
+    """
+    eye = torch.eye(4, dtype=F64)
+    image, text, scale, bias = {
+        "b1": (eye[:1], eye[:1], 100.0, -28.3),
+        "tiny": (torch.stack([eye[0], eye[1], eye[2], -eye[0]]), torch.stack([eye[0], eye[1], eye[2], -eye[0]]),
+                 200.0, -100.0),
+        "large": (eye[:3], -eye[:3], 200.0, 100.0),
+    }[case]
+    return image, text, torch.tensor([scale], dtype=F64), torch.tensor(bias, dtype=F64)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("chunk", [1, "B"])
+@pytest.mark.parametrize("case", ["b1", "tiny", "large"])
+def test_fused_siglip_logits_beyond_50_match_reference_in_float64(case, chunk, impl, monkeypatch):
+    """Far-out logits: each pair's term and gradient computed directly, none lost to a cancellation."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tensors = far_logits(case)
+    logits = tensors[2] * tensors[0] @ tensors[1].T + tensors[3]
+    assert logits.abs().min() > 50
+    c = chunk_of(chunk, tensors[0].shape[0])
+    got = value_and_grads(lambda *x: fused_siglip_loss(*x, impl=impl, chunk=c), tensors)
+    want = value_and_grads(siglip_loss, tensors)
+    assert float(want[0]) > 0 and all((g != 0).any() for g in want[1])  # the case is not vacuous
+    assert_same(got, want, rtol=1e-12, atol=0)
+
+
 def test_rank_blocks_merge_to_the_global_loss_and_grads():
     """The merge `clipkit.losses.fused` does across ranks, done by hand over 3 blocks:
     max-then-rescaled-sum column statistics, per-block grads, dk summed over blocks."""
