@@ -74,7 +74,7 @@ def test_blocks_sum_to_global_loss_and_grads(splits):
 
 
 def test_published_inits_and_scalar_shapes():
-    clip, sig = ClipLoss(), SigLipLoss()
+    clip, sig = ClipLoss().temperature, SigLipLoss().temperature
     assert clip.logit_scale.shape == (1,) and sig.logit_scale.shape == (1,) and sig.logit_bias.shape == (1,)
     assert math.isclose(float(clip.scale()), 1 / 0.07, rel_tol=1e-6)
     assert math.isclose(float(sig.scale()), 10.0, rel_tol=1e-6) and float(sig.logit_bias) == -10.0
@@ -82,22 +82,22 @@ def test_published_inits_and_scalar_shapes():
 
 def test_clip_temperature_is_clamped_at_100():
     loss = ClipLoss(init_logit_scale=500.0)
-    assert math.isclose(float(loss.scale()), 100.0, rel_tol=1e-6)
+    assert math.isclose(float(loss.temperature.scale()), 100.0, rel_tol=1e-6)
     img, txt = features(6, 8)
     value, _ = loss(img.float(), txt.float())
     value.backward()
-    assert float(loss.logit_scale.grad) == 0.0  # above the clamp the temperature stops learning
+    assert float(loss.temperature.logit_scale.grad) == 0.0  # above the clamp the temperature stops learning
 
 
 def test_module_single_process_equals_functional():
     img, txt = features(10, 12)
     clip = ClipLoss()
     value, metrics = clip(img.float(), txt.float())
-    torch.testing.assert_close(value, clip_loss(img.float(), txt.float(), clip.scale()))
+    torch.testing.assert_close(value, clip_loss(img.float(), txt.float(), clip.temperature.scale()))
     assert math.isclose(float(metrics["logit_scale"]), 1 / 0.07, rel_tol=1e-6)
     sig = SigLipLoss()
     value, _ = sig(img.float(), txt.float())
-    torch.testing.assert_close(value, siglip_loss(img.float(), txt.float(), sig.scale(), sig.logit_bias.float()))
+    torch.testing.assert_close(value, siglip_loss(img.float(), txt.float(), *sig.temperature()))
 
 
 @pytest.mark.parametrize("kwargs,message", [
