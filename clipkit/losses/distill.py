@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipkit.losses.fused import check_impl, fused_clip_loss, fused_distill_kl
+from clipkit.losses.fused import check_impl, fused_clip_loss, fused_distill_kl, parse_chunk_size
 from clipkit.losses.logit_scale import LogitScale
 
 
@@ -21,11 +21,11 @@ class DistillLoss(nn.Module):
     needs = ("image", "text", "teacher_image", "teacher_text", "teacher_logit_scale")
 
     def __init__(self, init_logit_scale: float = 1 / 0.07, max_logit_scale: float = 100.0,
-                 learn_logit_scale: bool = True, impl: str = "auto", chunk_size: int = 4096,
+                 learn_logit_scale: bool = True, impl: str = "auto", chunk_size: int | str = "auto",
                  distill_weight: float = 1.0):
         super().__init__()
-        check_impl(impl, chunk_size)
-        self.impl, self.chunk_size = impl, chunk_size
+        check_impl(impl)
+        self.impl, self.chunk = impl, parse_chunk_size(chunk_size)
         self.temperature = LogitScale(init_logit_scale, max_logit_scale, learn_logit_scale)
         self.distill_weight = distill_weight
 
@@ -34,7 +34,7 @@ class DistillLoss(nn.Module):
         """W × this rank's share of the two-direction mean KL (see the module docstring)."""
         scale, _ = self.temperature()
         return fused_distill_kl(image, text, scale, teacher_image, teacher_text, teacher_scale,
-                                impl=self.impl, chunk=self.chunk_size)
+                                impl=self.impl, chunk=self.chunk)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, teacher_image: torch.Tensor,
                 teacher_text: torch.Tensor, teacher_logit_scale: torch.Tensor
@@ -42,6 +42,6 @@ class DistillLoss(nn.Module):
         """Student image/text [b, D], teacher image/text [b, D_t], all L2-normalized;
         teacher_logit_scale: the teacher's s (exponentiated), no gradient."""
         scale, _ = self.temperature()
-        contrastive = fused_clip_loss(image, text, scale, impl=self.impl, chunk=self.chunk_size)
+        contrastive = fused_clip_loss(image, text, scale, impl=self.impl, chunk=self.chunk)
         kl = self.kl(image, text, teacher_image, teacher_text, teacher_logit_scale)
         return contrastive + self.distill_weight * kl, {**self.temperature.metrics(), "distill_kl": kl.detach()}

@@ -49,12 +49,21 @@ KERNEL_MODULES = {
 }
 
 
-def check_impl(impl: str, chunk_size: int | None = None) -> None:
-    """Fails at build time on an unknown `loss.impl` or a non-positive `loss.chunk_size`."""
+def check_impl(impl: str) -> None:
+    """Fails at build time on an unknown `loss.impl`."""
     if impl not in IMPLS:
         raise ClipkitConfigError(f"loss.impl={impl!r} is not one of {', '.join(IMPLS)}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ClipkitConfigError(f"loss.chunk_size must be >= 1, got {chunk_size}")
+
+
+def parse_chunk_size(chunk_size: int | str) -> int | None:
+    """`loss.chunk_size` as the kernels take it: "auto" -> None (each kernel set's own default:
+    a fixed logit budget per chunk for the chunked kernels), an int >= 1 -> itself. Anything
+    else fails at build time."""
+    if chunk_size == "auto":
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ClipkitConfigError(f"loss.chunk_size must be auto or an integer >= 1, got {chunk_size!r}")
+    return chunk_size
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -263,14 +272,15 @@ def naive_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.
 
 
 def fused_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *,
-                    impl: str = "chunked", chunk: int = 4096) -> torch.Tensor:
+                    impl: str = "chunked", chunk: int | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of the global batch, sharded by rows over the process group.
 
     Args:
         image, text: [b, D] this rank's paired, L2-normalized features (b equal on all ranks).
         logit_scale: 0-dim or [1], the multiplier s (already exponentiated).
         impl: "chunked", "triton" or "auto" (see `resolve_kernels`); "naive" runs `naive_clip_loss`.
-        chunk: rows per chunk for the chunked kernels.
+        chunk: rows per chunk for the chunked kernels, columns per gradient block for Triton;
+            None (`loss.chunk_size=auto`): each kernel set's default (see `parse_chunk_size`).
     Returns:
         0-dim float32 (float64 for float64 inputs): on one process `clip_loss(image, text, s)`;
         on W ranks, W × this rank's share (the mean over ranks is the global loss).
@@ -290,7 +300,7 @@ def naive_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torc
 
 
 def fused_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                      logit_bias: torch.Tensor, *, impl: str = "chunked", chunk: int = 4096,
+                      logit_bias: torch.Tensor, *, impl: str = "chunked", chunk: int | None = None,
                       exchange: str = "gather") -> torch.Tensor:
     """Pairwise sigmoid loss of the global batch, sharded like `fused_clip_loss`.
 
@@ -325,7 +335,7 @@ def naive_distill_kl(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
 
 def fused_distill_kl(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, teacher_image: torch.Tensor,
                      teacher_text: torch.Tensor, teacher_scale: torch.Tensor, *, impl: str = "chunked",
-                     chunk: int = 4096) -> torch.Tensor:
+                     chunk: int | None = None) -> torch.Tensor:
     """Mean over both directions and all B global rows of KL(teacher softmax ‖ student softmax).
 
     Args:
