@@ -3,6 +3,10 @@ for CLIP, SigLIP and CLIP + distillation (`--kinds clip siglip distill`).
 
     python benchmarks/loss_bench.py                        # B in 4096 8192 16384 32768, D=512, fp32
     python benchmarks/loss_bench.py --batch 4096 8192 --reps 3 --out /tmp/bench.json
+    python benchmarks/loss_bench.py --chunk auto 256 1024   # the default chunk against fixed rows
+
+`--chunk auto` (the default) runs the chunked path as a user gets it by default
+(`loss.chunk_size=auto`: chunks of `CHUNK_ELEMS` logits); the rows it chose are reported.
 
 Every (loss, implementation, B) runs in its own subprocess so that its peak resident
 memory is the loss's own: the kernel's peak-RSS mark is reset once the inputs exist
@@ -38,7 +42,7 @@ IMPLS = {
 }
 
 
-def _distill_fn(impl: str, chunk: int):
+def _distill_fn(impl: str, chunk: int | None):
     """(image, text, scale, bias, teacher_image, teacher_text) -> CLIP + distillation loss."""
     if impl == "open_clip":
         from open_clip.loss import DistillClipLoss
@@ -62,7 +66,7 @@ def _distill_fn(impl: str, chunk: int):
     return fn
 
 
-def _loss_fn(kind: str, impl: str, chunk: int):
+def _loss_fn(kind: str, impl: str, chunk: int | None):
     """(image, text, scale, bias, teacher_image, teacher_text) -> scalar loss for one implementation."""
     if kind == "distill":
         return _distill_fn(impl, chunk)
@@ -121,10 +125,17 @@ def reset_peak_rss_kib() -> tuple[int, bool]:
         return max(_status_kib("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), False
 
 
-def measure(kind: str, impl: str, batch: int, dim: int, chunk: int, reps: int) -> dict:
+def parse_chunk(text: str) -> int | None:
+    """`--chunk` values: "auto" (None, the loss's default) or rows per chunk."""
+    return None if text == "auto" else int(text)
+
+
+def measure(kind: str, impl: str, batch: int, dim: int, chunk: int | None, reps: int) -> dict:
     """Runs in the child: median fwd+bwd seconds and peak RSS growth over the inputs."""
     import torch
     import torch.nn.functional as F
+
+    from clipkit.kernels.chunked_contrastive import chunk_rows
 
     g = torch.Generator().manual_seed(0)
     image = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
@@ -141,14 +152,18 @@ def measure(kind: str, impl: str, batch: int, dim: int, chunk: int, reps: int) -
         fn(image, text, scale, bias, *teacher).backward()
         times.append(time.perf_counter() - start)
     peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"kind": kind, "impl": impl, "batch": batch, "dim": dim, "chunk": chunk if impl == "chunked" else None,
+    chunked = impl == "chunked"
+    return {"kind": kind, "impl": impl, "batch": batch, "dim": dim,
+            "chunk": ("auto" if chunk is None else chunk) if chunked else None,
+            "chunk_rows": min(batch, chunk_rows(chunk, batch)) if chunked else None,  # rows a chunk held
             "median_s": statistics.median(times[1:]), "times_s": times[1:],
             "peak_mb": (peak_kib - base_kib) / 1024, "peak_reset": exact}
 
 
-def run_child(kind: str, impl: str, batch: int, dim: int, chunk: int, reps: int, threads: int) -> dict:
+def run_child(kind: str, impl: str, batch: int, dim: int, chunk: int | None, reps: int, threads: int) -> dict:
     """One row (or, for kind "gemm", {"flops": rate}) measured in a fresh process."""
-    cmd = [sys.executable, __file__, "--child", kind, impl, str(batch), str(dim), str(chunk), str(reps),
+    cmd = [sys.executable, __file__, "--child", kind, impl, str(batch), str(dim),
+           "auto" if chunk is None else str(chunk), str(reps),
            "--threads", str(threads)]
     # A fixed mmap threshold keeps glibc from parking freed large blocks in a fragmented
     # heap (its default raises the threshold to 32 MB), so RSS tracks live tensors for all.
@@ -167,11 +182,18 @@ def device_name() -> str:
     return f"CPU: {cpu}"
 
 
+def chunk_label(row: dict) -> str:
+    """"-" (not chunked), the fixed rows, or "auto=<rows it chose>"."""
+    if row["chunk"] is None:
+        return "-"
+    return f"auto={row['chunk_rows']}" if row["chunk"] == "auto" else str(row["chunk"])
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'loss':7} {'B':>6} {'impl':10} {'chunk':>6} {'fwd+bwd s':>10} {'peak MB':>9} "
+    print(f"{'loss':7} {'B':>6} {'impl':10} {'chunk':>10} {'fwd+bwd s':>10} {'peak MB':>9} "
           f"{'time/oc':>8} {'mem/oc':>8} {'vs floor':>9}")
     for r in rows:
-        print(f"{r['kind']:7} {r['batch']:>6} {r['impl']:10} {str(r['chunk'] or '-'):>6} {r['median_s']:>10.3f} "
+        print(f"{r['kind']:7} {r['batch']:>6} {r['impl']:10} {chunk_label(r):>10} {r['median_s']:>10.3f} "
               f"{r['peak_mb']:>9.1f} {r['time_vs_open_clip']:>8.3f} {r['mem_vs_open_clip']:>8.3f} "
               f"{r['vs_floor']:>8.2f}x")
 
@@ -180,7 +202,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--chunk", type=int, nargs="+", default=[512], help="chunk sizes for the chunked path")
+    p.add_argument("--chunk", type=parse_chunk, nargs="+", default=[None], metavar="auto|ROWS",
+                   help="chunk sizes for the chunked path: auto (the loss's default, the default here) or rows")
     p.add_argument("--kinds", nargs="+", default=["clip", "siglip"], choices=sorted(IMPLS))
     p.add_argument("--impls", nargs="+", default=None, help="subset of open_clip naive chunked")
     p.add_argument("--reps", type=int, default=3, help="timed runs after one warm-up (median reported)")
@@ -193,12 +216,13 @@ def main() -> None:
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
-        kind, impl, *nums = args.child
-        print(json.dumps({"flops": gemm_rate(args.dim)} if kind == "gemm" else measure(kind, impl, *map(int, nums))))
+        kind, impl, batch, dim, chunk, reps = args.child
+        print(json.dumps({"flops": gemm_rate(args.dim)} if kind == "gemm" else
+                         measure(kind, impl, int(batch), int(dim), parse_chunk(chunk), int(reps))))
         return
 
     batches = sorted(set(args.batch))
-    rate = run_child("gemm", "-", 0, args.dim, 0, 0, args.threads)["flops"]
+    rate = run_child("gemm", "-", 0, args.dim, 1, 0, args.threads)["flops"]
     print(f"device: {device_name()}; D={args.dim}, fp32, median of {args.reps} after 1 warm-up; "
           f"measured fp32 GEMM rate {rate / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
@@ -208,7 +232,7 @@ def main() -> None:
             for impl in args.impls or IMPLS[kind]:
                 for chunk in (args.chunk if impl == "chunked" else [0]):
                     r = run_child(kind, impl, batch, args.dim, chunk, args.reps, args.threads)
-                    print(f"  {kind} B={batch} {impl} chunk={r['chunk']}: {r['median_s']:.3f} s, "
+                    print(f"  {kind} B={batch} {impl} chunk={chunk_label(r)}: {r['median_s']:.3f} s, "
                           f"{r['peak_mb']:.1f} MB", flush=True)
                     group.append(r)
             ref = next((r for r in group if r["impl"] == "open_clip"), None)

@@ -24,8 +24,9 @@ from clipkit.run_dir import OPEN_CLIP_CONFIG, RunDir, atomic_write_bytes, atomic
 
 LATEST = "latest"
 EXPORT_WEIGHTS = "open_clip_pytorch_model.bin"
-# Objective parameters that open_clip keeps on the model itself rather than in a loss.
-_LOSS_TO_OPEN_CLIP = {"loss.logit_scale": "logit_scale", "loss.logit_bias": "logit_bias"}
+# Objective parameters that open_clip keeps on the model itself rather than in a loss: each
+# clipkit loss holds them in its `temperature` (a `clipkit.losses.logit_scale.LogitScale`).
+_LOSS_TO_OPEN_CLIP = {"loss.temperature.logit_scale": "logit_scale", "loss.temperature.logit_bias": "logit_bias"}
 
 
 def tag_for_step(step: int) -> str:

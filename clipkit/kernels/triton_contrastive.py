@@ -43,7 +43,9 @@ Memory beyond inputs and outputs (B = 1M, D = 512, bf16 in parentheses):
     its operand in one dtype and fp16 holds probabilities below 6e-5 only as subnormals.
 
 `chunk` is the column width of the gradient block (rounded down to the tile width); the
-stats pass ignores it. Inputs: float32, bfloat16, float16 or float64 (float64 computes
+stats pass ignores it. `chunk=None` (`loss.chunk_size=auto`) takes `DEFAULT_GRAD_WIDTH`
+columns: the chunked kernels' row budget would narrow the block, and with it the reuse of
+dq, as B grows. Inputs: float32, bfloat16, float16 or float64 (float64 computes
 in float64). Dot products of float32 inputs use `FP32_DOT_PRECISION` ("ieee": exact fp32,
 no TF32) in the kernels; the cuBLAS products follow torch.backends.cuda.matmul.allow_tf32.
 On CPU tensors the kernels run in Triton's interpreter, which needs TRITON_INTERPRET=1 in
@@ -67,6 +69,7 @@ import torch
 LOG2E = 1.4426950408889634
 PARTIAL_BYTES = 2 << 30
 GRAD_BLOCK_BYTES = 2 << 30
+DEFAULT_GRAD_WIDTH = 4096  # columns per gradient block for chunk=None (see the module docstring)
 FP32_DOT_PRECISION = "ieee"
 _INT32_LIMIT = 2**31 - 1  # element offsets past this need int64 index math in the kernels
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -216,7 +219,7 @@ def _stats_grid(b: int, big_b: int, tiles: TileConfig, q: torch.Tensor, itemsize
 
 
 @_plain
-def infonce_block_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row_offset: int, chunk: int,
+def infonce_block_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row_offset: int, chunk: int | None,
                         *, tiles: TileConfig | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row log-sum-exp and column max/sum-exp of l = s·q·kᵀ in one product per logit.
@@ -272,7 +275,8 @@ def _grad_layout(q: torch.Tensor, cdt: torch.dtype):
     return cdt
 
 
-def _block_width(b: int, big_b: int, chunk: int, itemsize: int, block_n: int) -> int:
+def _block_width(b: int, big_b: int, chunk: int | None, itemsize: int, block_n: int) -> int:
+    chunk = DEFAULT_GRAD_WIDTH if chunk is None else chunk
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     width = min(chunk, GRAD_BLOCK_BYTES // max(1, b * itemsize))
@@ -311,7 +315,7 @@ def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool)
         out.add_(torch.mm(a, b, out_dtype=out.dtype))
 
 
-def _pairwise_grads(launch, q: torch.Tensor, k: torch.Tensor, st: _Setup, chunk: int,
+def _pairwise_grads(launch, q: torch.Tensor, k: torch.Tensor, st: _Setup, chunk: int | None,
                     need_q: bool, need_k: bool, write_g: bool):
     """Runs `launch(g_block, c0, c1, consts)` on each column block and multiplies G into dq/dk."""
     b, big_b, dim = q.shape[0], k.shape[0], q.shape[1]
@@ -337,7 +341,7 @@ def _pairwise_grads(launch, q: torch.Tensor, k: torch.Tensor, st: _Setup, chunk:
 
 @_plain
 def infonce_block_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row_offset: int,
-                        row_lse: torch.Tensor, col_lse: torch.Tensor, chunk: int, need_q: bool, need_k: bool,
+                        row_lse: torch.Tensor, col_lse: torch.Tensor, chunk: int | None, need_q: bool, need_k: bool,
                         *, tiles: TileConfig | None = None
                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dq = G·k and dk = Gᵀ·q for G = exp(l − row_lse) + exp(l − col_lse) − 2·[j = i + row_offset].
@@ -345,7 +349,8 @@ def infonce_block_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, r
     Args: q [b, D], k [B, D], scale and row_offset as in `infonce_block_stats`;
         row_lse [b], col_lse [B] (col_lse = col_max + log col_sumexp, globally reduced);
         chunk: columns per gradient block (memory b × chunk × 2 bytes for 16-bit inputs,
-        4 for float32; capped at GRAD_BLOCK_BYTES); need_q/need_k: which outputs to form.
+        4 for float32; capped at GRAD_BLOCK_BYTES; None: DEFAULT_GRAD_WIDTH); need_q/need_k:
+        which outputs to form.
     Returns: dq [b, D] or None, dk [B, D] or None, float32 (float64 for float64 inputs),
         not multiplied by s.
     """
@@ -374,7 +379,7 @@ def infonce_block_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, r
 
 @_plain
 def sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                  row_offset: int | None, chunk: int, need_grads: bool, *, tiles: TileConfig | None = None
+                  row_offset: int | None, chunk: int | None, need_grads: bool, *, tiles: TileConfig | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """SigLIP's pairwise loss on a row block, and its gradients in the same pass.
 

@@ -11,42 +11,37 @@ is 0 with a zero gradient when the student equals the teacher; the gradients are
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from clipkit import distributed
-from clipkit.losses.clip import ClipLoss
-from clipkit.losses.functional import distill_kl_block
-from clipkit.losses.fused import fused_distill_kl
+from clipkit.losses.fused import check_impl, fused_clip_loss, fused_distill_kl, parse_chunk_size
+from clipkit.losses.logit_scale import LogitScale
 
 
-class DistillLoss(ClipLoss):
+class DistillLoss(nn.Module):
     needs = ("image", "text", "teacher_image", "teacher_text", "teacher_logit_scale")
 
     def __init__(self, init_logit_scale: float = 1 / 0.07, max_logit_scale: float = 100.0,
-                 learn_logit_scale: bool = True, impl: str = "auto", chunk_size: int = 4096,
+                 learn_logit_scale: bool = True, impl: str = "auto", chunk_size: int | str = "auto",
                  distill_weight: float = 1.0):
-        super().__init__(init_logit_scale, max_logit_scale, learn_logit_scale, impl=impl, chunk_size=chunk_size)
+        super().__init__()
+        check_impl(impl)
+        self.impl, self.chunk = impl, parse_chunk_size(chunk_size)
+        self.temperature = LogitScale(init_logit_scale, max_logit_scale, learn_logit_scale)
         self.distill_weight = distill_weight
 
-    def kl(self, image, text, teacher_image, teacher_text, teacher_scale) -> torch.Tensor:
+    def kl(self, image: torch.Tensor, text: torch.Tensor, teacher_image: torch.Tensor, teacher_text: torch.Tensor,
+           teacher_scale: torch.Tensor) -> torch.Tensor:
         """W × this rank's share of the two-direction mean KL (see the module docstring)."""
-        teacher_scale = teacher_scale.detach()
-        if self.impl != "naive":
-            return fused_distill_kl(image, text, self.scale(), teacher_image.detach(), teacher_text.detach(),
-                                    teacher_scale, chunk=self.chunk_size)
-        image_all, text_all = distributed.all_gather_with_grad(image), distributed.all_gather_with_grad(text)
-        t_image_all = distributed.all_gather_rows(teacher_image)
-        t_text_all = distributed.all_gather_rows(teacher_text)
-        world = distributed.world_size()
-        s = self.scale()
-        total = (distill_kl_block(image, text_all, s, teacher_image.detach(), t_text_all, teacher_scale)
-                 + distill_kl_block(text, image_all, s, teacher_text.detach(), t_image_all, teacher_scale))
-        return total * world / (2 * image_all.shape[0])
+        scale, _ = self.temperature()
+        return fused_distill_kl(image, text, scale, teacher_image, teacher_text, teacher_scale,
+                                impl=self.impl, chunk=self.chunk)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, teacher_image: torch.Tensor,
                 teacher_text: torch.Tensor, teacher_logit_scale: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student image/text [b, D], teacher image/text [b, D_t], all L2-normalized;
         teacher_logit_scale: the teacher's s (exponentiated), no gradient."""
-        contrastive, metrics = super().forward(image, text)
+        scale, _ = self.temperature()
+        contrastive = fused_clip_loss(image, text, scale, impl=self.impl, chunk=self.chunk)
         kl = self.kl(image, text, teacher_image, teacher_text, teacher_logit_scale)
-        return contrastive + self.distill_weight * kl, {**metrics, "distill_kl": kl.detach()}
+        return contrastive + self.distill_weight * kl, {**self.temperature.metrics(), "distill_kl": kl.detach()}

@@ -4,10 +4,11 @@ Image→text similarity is the mean over image tokens of the max over the text's
 text→image is the masked mean over text tokens of the max over image tokens. The two are
 different matrices, each with its own cross-entropy; with one token per side both reduce to
 the dot product and the loss equals CLIP's. `loss.token_keep_ratio` < 1 keeps only each
-sample's most similar tokens before the cross-rank gather, as in the paper (25% there). `loss.impl=chunked|auto` uses the tiled
-`clipkit.kernels.filip_similarity` (never an [b, N_img, B, N_txt] tensor); `naive` the
-materialized reference. Token features are all-gathered with autograd, so their gradients
-flow back to the rank that produced them.
+sample's most similar tokens before the cross-rank gather, as in the paper (25% there).
+`loss.impl=chunked|auto` uses the tiled `clipkit.kernels.filip_similarity` (never an
+[b, N_img, B, N_txt] tensor); `naive` the materialized reference. The token exchange
+(`clipkit.losses.fused.filip_loss`) all-gathers with autograd, so gradients flow back to
+the rank that produced the tokens.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-from clipkit import distributed
 from clipkit.errors import ClipkitConfigError
-from clipkit.kernels import filip_similarity as tiled_similarity
-from clipkit.losses.clip import ClipLoss
-from clipkit.losses.functional import contrastive_ce_block, filip_similarity
+from clipkit.losses.fused import check_impl, filip_loss, late_interaction
+from clipkit.losses.logit_scale import LogitScale
 
 
 def keep_top_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, others: torch.Tensor,
@@ -46,12 +46,7 @@ def keep_top_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, others: tor
     return kept, mask.gather(1, index)
 
 
-def _gather_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    # Collectives move numbers, not bools (gloo has no bool all-gather).
-    return None if mask is None else distributed.all_gather_rows(mask.to(torch.uint8)).bool()
-
-
-class FilipLoss(ClipLoss):
+class FilipLoss(nn.Module):
     """Global-batch FILIP loss split by rows over ranks (W × this rank's share, like ClipLoss)."""
 
     needs = ("image_tokens", "image_mask", "text_tokens", "text_mask")
@@ -59,21 +54,21 @@ class FilipLoss(ClipLoss):
     def __init__(self, init_logit_scale: float = 1 / 0.07, max_logit_scale: float = 100.0,
                  learn_logit_scale: bool = True, impl: str = "auto", block_elems: int = 1 << 22,
                  token_keep_ratio: float = 1.0):
+        super().__init__()
         if impl == "triton":
             raise ClipkitConfigError("loss=filip has no Triton kernel; use loss.impl=chunked, auto or naive")
+        check_impl(impl)
         if block_elems < 1:
             raise ClipkitConfigError(f"loss.block_elems must be >= 1, got {block_elems}")
         if not 0 < token_keep_ratio <= 1:
             raise ClipkitConfigError(f"loss.token_keep_ratio must be in (0, 1], got {token_keep_ratio}")
-        super().__init__(init_logit_scale, max_logit_scale, learn_logit_scale, impl=impl)
-        self.block_elems, self.token_keep_ratio = block_elems, token_keep_ratio
+        self.impl, self.block_elems, self.token_keep_ratio = impl, block_elems, token_keep_ratio
+        self.temperature = LogitScale(init_logit_scale, max_logit_scale, learn_logit_scale)
 
     def similarity(self, a: torch.Tensor, a_mask: torch.Tensor | None, b: torch.Tensor,
                    b_mask: torch.Tensor | None) -> torch.Tensor:
         """[n_a, N_a, D] × [n_b, N_b, D] -> [n_a, n_b] late-interaction scores (eval uses it too)."""
-        if self.impl == "naive":
-            return filip_similarity(a, a_mask, b, b_mask)
-        return tiled_similarity(a, a_mask, b, b_mask, self.block_elems)
+        return late_interaction(a, a_mask, b, b_mask, impl=self.impl, block_elems=self.block_elems)
 
     def forward(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None, text_tokens: torch.Tensor,
                 text_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -83,11 +78,7 @@ class FilipLoss(ClipLoss):
             (image_tokens, image_mask), (text_tokens, text_mask) = (
                 keep_top_tokens(image_tokens, image_mask, text_tokens, text_mask, self.token_keep_ratio),
                 keep_top_tokens(text_tokens, text_mask, image_tokens, image_mask, self.token_keep_ratio))
-        image_all = distributed.all_gather_with_grad(image_tokens)
-        text_all = distributed.all_gather_with_grad(text_tokens)
-        image_mask_all, text_mask_all = _gather_mask(image_mask), _gather_mask(text_mask)
-        world, offset = distributed.world_size(), distributed.rank() * image_tokens.shape[0]
-        image_to_text = self.similarity(image_tokens, image_mask, text_all, text_mask_all)
-        text_to_image = self.similarity(text_tokens, text_mask, image_all, image_mask_all)
-        share = contrastive_ce_block(image_to_text, text_to_image, self.scale(), offset)
-        return share * world, {"logit_scale": self.scale().detach()}
+        scale, _ = self.temperature()
+        loss = filip_loss(image_tokens, image_mask, text_tokens, text_mask, scale, impl=self.impl,
+                          block_elems=self.block_elems)
+        return loss, self.temperature.metrics()

@@ -3,7 +3,7 @@
 Each `*_block` function computes the share of a global-batch loss owned by one block of
 rows, given that block's features and the full (gathered) batch. Summing the blocks over
 ranks gives the global loss; with one block holding every row it *is* the global loss.
-No collectives here: `clipkit.losses.clip` / `siglip` do the gathering.
+No collectives here: `clipkit.losses.fused` does the gathering.
 
 Shapes: B global batch, b rows in this block, D feature width. Features are expected
 L2-normalized; math runs in the inputs' dtype (callers pass float32 or float64).

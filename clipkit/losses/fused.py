@@ -1,10 +1,12 @@
-"""The exact, memory-linear CLIP and SigLIP losses over a batch sharded across ranks.
+"""The global-batch losses over a batch sharded across ranks: the one place where the losses
+meet the collectives, so the loss classes hold only their parameters and options.
 
-Selected by `loss.impl=chunked|triton|auto` (`naive` runs the materialized reference in
-`clipkit.losses.functional` instead). The block math comes from a kernel set
-(`clipkit.kernels.chunked_contrastive` or `clipkit.kernels.triton_contrastive`, same
-contract); the collectives from `clipkit.distributed`. Per step and rank, with b local rows
-and B = W·b global rows:
+`loss.impl=chunked|triton|auto` runs the exact, memory-linear fused losses below;
+`loss.impl=naive` runs the materialized reference in `clipkit.losses.functional` on
+differentiable all-gathers (the oracle of the tests). FILIP's token exchange is here too.
+The block math comes from a kernel set (`clipkit.kernels.chunked_contrastive` or
+`clipkit.kernels.triton_contrastive`, same contract); the collectives from
+`clipkit.distributed`. Per step and rank, with b local rows and B = W·b global rows:
 
   CLIP (softmax InfoNCE), 4 b×B×D matmuls:
     forward   all-gather text [B, D] (no autograd); stats pass over this rank's image rows
@@ -35,11 +37,33 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from clipkit import distributed
+from clipkit.errors import ClipkitConfigError
+from clipkit.kernels import filip_similarity as tiled_filip_similarity
+from clipkit.losses.functional import (clip_loss_block, contrastive_ce_block, distill_kl_block, filip_similarity,
+                                       siglip_loss_block)
 
+IMPLS = ("auto", "chunked", "triton", "naive")
 KERNEL_MODULES = {
     "chunked": "clipkit.kernels.chunked_contrastive",
     "triton": "clipkit.kernels.triton_contrastive",
 }
+
+
+def check_impl(impl: str) -> None:
+    """Fails at build time on an unknown `loss.impl`."""
+    if impl not in IMPLS:
+        raise ClipkitConfigError(f"loss.impl={impl!r} is not one of {', '.join(IMPLS)}")
+
+
+def parse_chunk_size(chunk_size: int | str) -> int | None:
+    """`loss.chunk_size` as the kernels take it: "auto" -> None (each kernel set's own default:
+    a fixed logit budget per chunk for the chunked kernels), an int >= 1 -> itself. Anything
+    else fails at build time."""
+    if chunk_size == "auto":
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ClipkitConfigError(f"loss.chunk_size must be auto or an integer >= 1, got {chunk_size!r}")
+    return chunk_size
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -238,29 +262,51 @@ class _FusedDistill(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def naive_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """`fused_clip_loss` materialized: differentiable all-gathers, then this rank's [b, B] rows of
+    both logit matrices (`functional.clip_loss_block`). Same arguments and result."""
+    image_all = distributed.all_gather_with_grad(image)
+    text_all = distributed.all_gather_with_grad(text)
+    world, offset = _block_layout(image.shape[0], image_all.shape[0])
+    return clip_loss_block(image, text, image_all, text_all, logit_scale, offset) * world
+
+
 def fused_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *,
-                    impl: str = "chunked", chunk: int = 4096) -> torch.Tensor:
+                    impl: str = "chunked", chunk: int | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of the global batch, sharded by rows over the process group.
 
     Args:
         image, text: [b, D] this rank's paired, L2-normalized features (b equal on all ranks).
         logit_scale: 0-dim or [1], the multiplier s (already exponentiated).
-        impl: "chunked", "triton" or "auto" (see `resolve_kernels`).
-        chunk: rows per chunk for the chunked kernels.
+        impl: "chunked", "triton" or "auto" (see `resolve_kernels`); "naive" runs `naive_clip_loss`.
+        chunk: rows per chunk for the chunked kernels, columns per gradient block for Triton;
+            None (`loss.chunk_size=auto`): each kernel set's default (see `parse_chunk_size`).
     Returns:
         0-dim float32 (float64 for float64 inputs): on one process `clip_loss(image, text, s)`;
         on W ranks, W × this rank's share (the mean over ranks is the global loss).
     """
+    if impl == "naive":
+        return naive_clip_loss(image, text, logit_scale)
     return _FusedInfoNCE.apply(image, text, logit_scale, resolve_kernels(impl, image.device), chunk)
 
 
+def naive_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                      logit_bias: torch.Tensor) -> torch.Tensor:
+    """`fused_siglip_loss` materialized: a differentiable all-gather of the texts, then this
+    rank's [b, B] logits (`functional.siglip_loss_block`). Same arguments and result."""
+    text_all = distributed.all_gather_with_grad(text)
+    world, offset = _block_layout(image.shape[0], text_all.shape[0])
+    return siglip_loss_block(image, text_all, logit_scale, logit_bias, offset) * world
+
+
 def fused_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                      logit_bias: torch.Tensor, *, impl: str = "chunked", chunk: int = 4096,
+                      logit_bias: torch.Tensor, *, impl: str = "chunked", chunk: int | None = None,
                       exchange: str = "gather") -> torch.Tensor:
     """Pairwise sigmoid loss of the global batch, sharded like `fused_clip_loss`.
 
     Args:
         image, text: [b, D] this rank's features. logit_scale, logit_bias: 0-dim or [1].
+        impl, chunk: as in `fused_clip_loss` ("naive" runs `naive_siglip_loss`).
         exchange: "gather" (all-gather the texts, reduce-scatter their gradients) or "ring"
             (pass text blocks and their gradients round the ranks: O(b·D) memory, W hops).
     Returns:
@@ -268,26 +314,87 @@ def fused_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torc
     """
     if exchange not in SIGMOID_EXCHANGES:
         raise ValueError(f"exchange must be one of {sorted(SIGMOID_EXCHANGES)}, got {exchange!r}")
+    if impl == "naive":
+        return naive_siglip_loss(image, text, logit_scale, logit_bias)
     return _FusedSigmoid.apply(image, text, logit_scale, logit_bias, resolve_kernels(impl, image.device), chunk,
                                exchange)
 
 
+def naive_distill_kl(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, teacher_image: torch.Tensor,
+                     teacher_text: torch.Tensor, teacher_scale: torch.Tensor) -> torch.Tensor:
+    """`fused_distill_kl` materialized: both [b, B] student and teacher logit matrices of this
+    rank's rows (`functional.distill_kl_block`). Same arguments and result."""
+    teacher_image, teacher_text, teacher_scale = teacher_image.detach(), teacher_text.detach(), teacher_scale.detach()
+    image_all, text_all = distributed.all_gather_with_grad(image), distributed.all_gather_with_grad(text)
+    t_image_all, t_text_all = distributed.all_gather_rows(teacher_image), distributed.all_gather_rows(teacher_text)
+    world = distributed.world_size()
+    total = (distill_kl_block(image, text_all, logit_scale, teacher_image, t_text_all, teacher_scale)
+             + distill_kl_block(text, image_all, logit_scale, teacher_text, t_image_all, teacher_scale))
+    return total * world / (2 * image_all.shape[0])
+
+
 def fused_distill_kl(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, teacher_image: torch.Tensor,
-                     teacher_text: torch.Tensor, teacher_scale: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
+                     teacher_text: torch.Tensor, teacher_scale: torch.Tensor, *, impl: str = "chunked",
+                     chunk: int | None = None) -> torch.Tensor:
     """Mean over both directions and all B global rows of KL(teacher softmax ‖ student softmax).
 
     Args:
         image, text: [b, D] this rank's student features. logit_scale: the student's s.
         teacher_image, teacher_text: [b, D_t] the frozen teacher's features; teacher_scale its s.
+        impl: "naive" runs `naive_distill_kl`; any other impl the chunked kernels on every
+            device (4 b×B×D matmuls per direction, never a [b, B] matrix). chunk: their rows per chunk.
     Returns:
         0-dim: on one process (Σ_i KL_i→t + Σ_j KL_t→i) / (2B); on W ranks W × this rank's
-        share. Gradients reach the student features and s only. Chunked kernels on every
-        device (4 b×B×D matmuls per direction, never a [b, B] matrix).
+        share. Gradients reach the student features and s only.
     """
+    if impl == "naive":
+        return naive_distill_kl(image, text, logit_scale, teacher_image, teacher_text, teacher_scale)
     kernels = resolve_kernels("chunked", image.device)
     big_b = image.shape[0] * distributed.world_size()
+    teacher_image, teacher_text, teacher_scale = teacher_image.detach(), teacher_text.detach(), teacher_scale.detach()
     image_to_text = _FusedDistill.apply(image, text, logit_scale, teacher_image, teacher_text, teacher_scale,
                                         kernels, chunk)
     text_to_image = _FusedDistill.apply(text, image, logit_scale, teacher_text, teacher_image, teacher_scale,
                                         kernels, chunk)
     return (image_to_text + text_to_image) / (2 * big_b)
+
+
+def late_interaction(a_tokens: torch.Tensor, a_mask: torch.Tensor | None, b_tokens: torch.Tensor,
+                     b_mask: torch.Tensor | None, *, impl: str = "chunked", block_elems: int = 1 << 22) -> torch.Tensor:
+    """FILIP's [n_a, n_b] token-wise similarity of [n_a, N_a, D] × [n_b, N_b, D] tokens: the
+    materialized `functional.filip_similarity` for impl "naive", the tiled kernel (at most
+    `block_elems` token pairs at once) otherwise. No collectives (eval calls it too)."""
+    if impl == "naive":
+        return filip_similarity(a_tokens, a_mask, b_tokens, b_mask)
+    return tiled_filip_similarity(a_tokens, a_mask, b_tokens, b_mask, block_elems)
+
+
+def _gather_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    # Collectives move numbers, not bools (gloo has no bool all-gather).
+    return None if mask is None else distributed.all_gather_rows(mask.to(torch.uint8)).bool()
+
+
+def filip_loss(image_tokens: torch.Tensor, image_mask: torch.Tensor | None, text_tokens: torch.Tensor,
+               text_mask: torch.Tensor | None, logit_scale: torch.Tensor, *, impl: str = "chunked",
+               block_elems: int = 1 << 22) -> torch.Tensor:
+    """FILIP's symmetric InfoNCE on late-interaction similarities of the global batch.
+
+    Token features are all-gathered with autograd (their gradients flow back to the rank
+    that produced them) and masks without; each rank scores its images and texts against
+    every gathered sample of the other modality (`late_interaction`).
+
+    Args:
+        image_tokens: [b, N_img, D], text_tokens: [b, N_txt, D], L2-normalized per token.
+        image_mask, text_mask: [b, N] bool (True = real token) or None.
+        logit_scale: 0-dim or [1], s. impl, block_elems: as in `late_interaction`.
+    Returns: 0-dim; on one process the global loss, on W ranks W × this rank's share.
+    """
+    image_all = distributed.all_gather_with_grad(image_tokens)
+    text_all = distributed.all_gather_with_grad(text_tokens)
+    image_mask_all, text_mask_all = _gather_mask(image_mask), _gather_mask(text_mask)
+    world, offset = _block_layout(image_tokens.shape[0], image_all.shape[0])
+    image_to_text = late_interaction(image_tokens, image_mask, text_all, text_mask_all, impl=impl,
+                                     block_elems=block_elems)
+    text_to_image = late_interaction(text_tokens, text_mask, image_all, image_mask_all, impl=impl,
+                                     block_elems=block_elems)
+    return contrastive_ce_block(image_to_text, text_to_image, logit_scale, offset) * world

@@ -49,8 +49,8 @@ def test_family_trains_evaluates_and_exports(family, digits_root, demo_export):
     bundle = build_model(name, config=cfg["model_cfg"])
     ours = ContrastiveObjective(bundle.model, ClipLoss()).eval()
     state = fp32_state_dict(run_dir / "checkpoints" / Checkpointer(run_dir / "checkpoints").latest_tag())
-    ours.load_state_dict({k: v for k, v in state.items() if k.startswith("model.") or k == "loss.logit_scale"},
-                         strict=True)
+    ours.load_state_dict({k: v for k, v in state.items()
+                          if k.startswith("model.") or k == "loss.temperature.logit_scale"}, strict=True)
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run_dir / 'export'}")
     model.eval()
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

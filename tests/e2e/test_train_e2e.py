@@ -81,7 +81,7 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(fast_run, digits_roo
         with torch.no_grad():
             torch.testing.assert_close(model.encode_image(images, normalize=True), ours.encode_image(images),
                                        rtol=1e-5, atol=1e-5)
-        assert float(model.logit_scale.detach()) == pytest.approx(float(ours.loss.logit_scale.detach()))
+        assert float(model.logit_scale.detach()) == pytest.approx(float(ours.loss.temperature.logit_scale.detach()))
 
 
 def test_clipkit_eval_scores_a_run_directory(fast_run, digits_root):

@@ -27,8 +27,8 @@ def test_resume_resolution(tmp_path):
 
 
 def test_open_clip_key_mapping():
-    state = {"model.visual.proj": torch.ones(2, 2), "loss.logit_scale": torch.tensor([2.5]),
-             "loss.logit_bias": torch.tensor([-10.0])}
+    state = {"model.visual.proj": torch.ones(2, 2), "loss.temperature.logit_scale": torch.tensor([2.5]),
+             "loss.temperature.logit_bias": torch.tensor([-10.0])}
     out = to_open_clip_state_dict(state)
     assert set(out) == {"visual.proj", "logit_scale", "logit_bias"}
     assert out["logit_scale"].shape == () and float(out["logit_bias"]) == -10.0

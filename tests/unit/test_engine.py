@@ -39,7 +39,7 @@ def test_no_weight_decay_on_biases_norms_and_loss_scalars():
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     exempt = {id(p) for p in no_decay["params"]}
-    assert id(objective.loss.logit_scale) in exempt and id(objective.loss.logit_bias) in exempt
+    assert id(objective.loss.temperature.logit_scale) in exempt and id(objective.loss.temperature.logit_bias) in exempt
     assert id(model[0].bias) in exempt and id(model[1].weight) in exempt
 
 

@@ -183,6 +183,39 @@ def test_fused_siglip_triton_matches_reference_in_float64(b, scale, bias, chunk,
     assert_same(got, value_and_grads(siglip_loss, (img, txt, s, bb)))
 
 
+def far_logits(case: str) -> tuple[torch.Tensor, ...]:
+    """(image [B, D], text [B, D], s [1], β) in float64 with every logit l beyond ±50.
+
+    b1: B = 1, l = 71.7 (loss softplus(−71.7) = 6.9e-32). tiny: positives at +100, negatives
+    at −100 or −300, so every term is below 1e-43 (a sum over all pairs that then swaps the
+    positives' terms returns 0). large: positives at −100, negatives at +100 (loss 100 a pair).
+    """
+    eye = torch.eye(4, dtype=F64)
+    image, text, scale, bias = {
+        "b1": (eye[:1], eye[:1], 100.0, -28.3),
+        "tiny": (torch.stack([eye[0], eye[1], eye[2], -eye[0]]), torch.stack([eye[0], eye[1], eye[2], -eye[0]]),
+                 200.0, -100.0),
+        "large": (eye[:3], -eye[:3], 200.0, 100.0),
+    }[case]
+    return image, text, torch.tensor([scale], dtype=F64), torch.tensor(bias, dtype=F64)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("chunk", [1, "B"])
+@pytest.mark.parametrize("case", ["b1", "tiny", "large"])
+def test_fused_siglip_logits_beyond_50_match_reference_in_float64(case, chunk, impl, monkeypatch):
+    """Far-out logits: each pair's term and gradient computed directly, none lost to a cancellation."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tensors = far_logits(case)
+    logits = tensors[2] * tensors[0] @ tensors[1].T + tensors[3]
+    assert logits.abs().min() > 50
+    c = chunk_of(chunk, tensors[0].shape[0])
+    got = value_and_grads(lambda *x: fused_siglip_loss(*x, impl=impl, chunk=c), tensors)
+    want = value_and_grads(siglip_loss, tensors)
+    assert float(want[0]) > 0 and all((g != 0).any() for g in want[1])  # the case is not vacuous
+    assert_same(got, want, rtol=1e-12, atol=0)
+
+
 def test_rank_blocks_merge_to_the_global_loss_and_grads():
     """The merge `clipkit.losses.fused` does across ranks, done by hand over 3 blocks:
     max-then-rescaled-sum column statistics, per-block grads, dk summed over blocks."""
@@ -301,6 +334,76 @@ def test_module_rejects_unknown_impl():
         ClipLoss(impl="cuda")
     with pytest.raises(ValueError, match="chunk_size"):
         SigLipLoss(chunk_size=0)
+
+
+def test_auto_chunk_holds_a_fixed_logit_budget():
+    """`chunk=None` (loss.chunk_size=auto): rows × B stays at CHUNK_ELEMS as B grows, down to
+    MIN_CHUNK_ROWS rows; an explicit chunk is taken as it is."""
+    from clipkit.kernels.chunked_contrastive import CHUNK_ELEMS, MIN_CHUNK_ROWS, chunk_rows
+
+    assert chunk_rows(None, 16384) == 512 and CHUNK_ELEMS == 512 * 16384
+    for big_b in (4096, 8192, 32768, 65536):
+        assert chunk_rows(None, big_b) * big_b == CHUNK_ELEMS
+    assert chunk_rows(None, 1 << 20) == MIN_CHUNK_ROWS
+    assert chunk_rows(3, 1 << 20) == 3
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        chunk_rows(0, 10)
+
+
+@pytest.mark.parametrize("loss_cls", [ClipLoss, SigLipLoss])
+def test_default_chunk_splits_rows_by_the_budget_and_matches_naive(loss_cls, monkeypatch):
+    """The shipped default (chunk_size auto) with a budget shrunk to 3 rows × B: several chunks,
+    the same values and gradients as the materialized reference."""
+    from clipkit.kernels import chunked_contrastive
+
+    img, txt = features(11, 12, seed=9)
+    monkeypatch.setattr(chunked_contrastive, "CHUNK_ELEMS", 3 * 11)
+    monkeypatch.setattr(chunked_contrastive, "MIN_CHUNK_ROWS", 1)
+    seen = []
+    real_chunks = chunked_contrastive._chunks
+    monkeypatch.setattr(chunked_contrastive, "_chunks", lambda *a: seen.append(list(real_chunks(*a))) or seen[-1])
+    results = []
+    for impl in ("naive", "chunked"):
+        module = loss_cls(impl=impl).double()
+        assert module.chunk is None
+        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        value, _ = module(i, t)
+        value.backward()
+        results.append((value.detach(), i.grad, t.grad, [p.grad for p in module.parameters()]))
+    assert seen and all(ranges[0] == (0, 3) and len(ranges) == 4 for ranges in seen)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [0, -4, "abc", "512", 1.5, True, None])
+def test_bad_chunk_size_is_a_one_line_config_error(value):
+    from clipkit.errors import ClipkitConfigError
+
+    for loss_cls in (ClipLoss, SigLipLoss):
+        with pytest.raises(ClipkitConfigError, match=r"^loss.chunk_size must be auto or an integer >= 1, got "):
+            loss_cls(chunk_size=value)
+
+
+@pytest.mark.parametrize("override", ["loss.chunk_size=0", "loss.chunk_size=abc"])
+@pytest.mark.parametrize("loss_name", ["clip", "siglip", "coca", "distill"])
+def test_bad_chunk_size_override_fails_at_build(loss_name, override):
+    """Through Hydra and `recipe.build_loss`: the constructor's error, not Hydra's wrapper."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    from clipkit.config import CONF_DIR
+    from clipkit.errors import ClipkitConfigError
+    from clipkit.recipe import build_loss
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        shipped = compose("train", overrides=[f"loss={loss_name}"]).loss.chunk_size
+        cfg = compose("train", overrides=[f"loss={loss_name}", override])
+    assert shipped == "auto"
+    bundle = SimpleNamespace(pretrained_logit_scale=None, pretrained_logit_bias=None)
+    with pytest.raises(ClipkitConfigError, match="loss.chunk_size must be auto or an integer >= 1") as err:
+        build_loss(cfg.loss, bundle)
+    assert "\n" not in str(err.value)
+
 
 
 MEMORY_CHILD = textwrap.dedent("""

@@ -74,30 +74,82 @@ def test_blocks_sum_to_global_loss_and_grads(splits):
 
 
 def test_published_inits_and_scalar_shapes():
-    clip, sig = ClipLoss(), SigLipLoss()
+    clip, sig = ClipLoss().temperature, SigLipLoss().temperature
     assert clip.logit_scale.shape == (1,) and sig.logit_scale.shape == (1,) and sig.logit_bias.shape == (1,)
     assert math.isclose(float(clip.scale()), 1 / 0.07, rel_tol=1e-6)
     assert math.isclose(float(sig.scale()), 10.0, rel_tol=1e-6) and float(sig.logit_bias) == -10.0
 
 
-def test_clip_temperature_is_clamped_at_100():
+def test_temperature_starts_at_the_cap_when_init_is_above_it():
     loss = ClipLoss(init_logit_scale=500.0)
-    assert math.isclose(float(loss.scale()), 100.0, rel_tol=1e-6)
-    img, txt = features(6, 8)
-    value, _ = loss(img.float(), txt.float())
+    assert math.isclose(float(loss.temperature.scale()), 100.0, rel_tol=1e-6)
+    assert float(loss.temperature.logit_scale) == pytest.approx(math.log(100.0), rel=1e-7)
+
+
+F32_LOG_100 = float(torch.tensor(math.log(100.0), dtype=torch.float32))  # 4.6051702499 > log 100
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+@pytest.mark.parametrize("raw_scale", [100.0, 150.0])
+@pytest.mark.parametrize("loss_cls", [ClipLoss, SigLipLoss])
+def test_capped_temperature_keeps_its_gradient(loss_cls, raw_scale, impl):
+    """At the cap (float32 log 100 lies above log 100) and above it (a parameter stepped past the
+    cap): the loss sees s = 100 and t gets ∂L/∂t of the unclamped loss at s = 100, not 0."""
+    loss = loss_cls(impl=impl, init_logit_scale=100.0, chunk_size=4)
+    with torch.no_grad():
+        loss.temperature.logit_scale.fill_(math.log(raw_scale))
+    img, txt = (x.float() for x in features(9, 8))
+    value, metrics = loss(img, txt)
     value.backward()
-    assert float(loss.logit_scale.grad) == 0.0  # above the clamp the temperature stops learning
+    got = loss.temperature.logit_scale.grad
+    assert float(loss.temperature.logit_scale) == F32_LOG_100  # forward clamped t itself
+    assert math.isclose(float(metrics["logit_scale"]), 100.0, rel_tol=1e-6)
+
+    t = torch.tensor([F32_LOG_100], requires_grad=True)  # no clamp anywhere
+    if loss_cls is ClipLoss:
+        clip_loss(img, txt, t.exp()).backward()
+    else:
+        siglip_loss(img, txt, t.exp(), loss.temperature.bias().detach()).backward()
+    assert float(got) != 0.0
+    torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=0)
+
+
+def test_temperature_leaves_the_cap_and_never_drifts_above_it():
+    """SGD at the cap: a loss that wants a larger s cannot walk t past the cap (the next forward
+    clamps it back); one that wants a smaller s takes it below 100 at once."""
+    close = F.normalize(torch.ones(6, 6) + 0.25 * torch.eye(6), dim=-1)  # cos 0.99 between rows
+    for img, txt, wants_larger in ((close, close, True), (close, close.roll(1, dims=0), False)):
+        loss = ClipLoss(init_logit_scale=100.0, impl="chunked")
+        opt = torch.optim.SGD(loss.parameters(), lr=0.1)
+        loss(img, txt)[0].backward()
+        opt.step()
+        stepped = float(loss.temperature.logit_scale)
+        assert (stepped > F32_LOG_100) == wants_larger
+        _, metrics = loss(img, txt)
+        assert float(loss.temperature.logit_scale) == min(stepped, F32_LOG_100)
+        assert (float(metrics["logit_scale"]) < 99.0) == (not wants_larger)
+
+
+def test_bf16_temperature_is_clamped_to_the_cap_rounded_up():
+    """DeepSpeed's bf16 mode keeps t in bf16 (step 0.03); the in-place clamp rounds the cap up
+    (4.625, not 4.59375 = log 98.9), so the value used is still exactly the cap."""
+    temperature = ClipLoss(init_logit_scale=100.0).temperature.bfloat16()
+    with torch.no_grad():
+        temperature.logit_scale.fill_(5.0)
+    scale, _ = temperature()
+    assert float(temperature.logit_scale) == 4.625 and scale.dtype == torch.float32
+    assert math.isclose(float(scale), 100.0, rel_tol=1e-6)
 
 
 def test_module_single_process_equals_functional():
     img, txt = features(10, 12)
     clip = ClipLoss()
     value, metrics = clip(img.float(), txt.float())
-    torch.testing.assert_close(value, clip_loss(img.float(), txt.float(), clip.scale()))
+    torch.testing.assert_close(value, clip_loss(img.float(), txt.float(), clip.temperature.scale()))
     assert math.isclose(float(metrics["logit_scale"]), 1 / 0.07, rel_tol=1e-6)
     sig = SigLipLoss()
     value, _ = sig(img.float(), txt.float())
-    torch.testing.assert_close(value, siglip_loss(img.float(), txt.float(), sig.scale(), sig.logit_bias.float()))
+    torch.testing.assert_close(value, siglip_loss(img.float(), txt.float(), *sig.temperature()))
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -92,7 +92,7 @@ def test_filip_with_one_token_per_side_is_clip(impl):
     img, txt = tokens(9, 1, 16, 0), tokens(9, 1, 16, 1)
     loss = FilipLoss(impl=impl).double()
     got = grads(lambda i, t: loss(i, None, t, torch.ones(9, 1, dtype=torch.bool))[0], (img, txt))
-    want = grads(lambda i, t: clip_loss(i[:, 0], t[:, 0], loss.scale()), (img, txt))
+    want = grads(lambda i, t: clip_loss(i[:, 0], t[:, 0], loss.temperature.scale()), (img, txt))
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
@@ -111,7 +111,7 @@ def test_filip_impls_agree_on_loss_and_temperature_grad():
         loss = FilipLoss(impl=impl, block_elems=30).double()
         value, _ = loss(img, None, txt, mask)
         value.backward()
-        results.append((value.detach(), loss.logit_scale.grad.clone()))
+        results.append((value.detach(), loss.temperature.logit_scale.grad.clone()))
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=0)
 
 
@@ -126,7 +126,7 @@ def test_coca_loss_is_weighted_sum_with_pad_ignored():
     real = labels != 0
     by_hand = -(logits.log_softmax(-1).gather(2, labels[..., None])[..., 0][real]).mean()
     torch.testing.assert_close(metrics["caption_loss"], by_hand)
-    torch.testing.assert_close(value, clip_loss(img, txt, loss.scale()) + 2.0 * by_hand)
+    torch.testing.assert_close(value, clip_loss(img, txt, loss.temperature.scale()) + 2.0 * by_hand)
     # Padded positions' logits get no gradient.
     logits.requires_grad_()
     caption_loss(logits, labels, 0).backward()
@@ -160,8 +160,8 @@ def test_student_equal_to_teacher_has_zero_distill_term_and_gradient(impl):
     img, txt, _, _ = distill_inputs()
     loss = DistillLoss(impl=impl, init_logit_scale=30.0).double()
     i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    kl = loss.kl(i, t, img, txt, loss.scale().detach())
-    gi, gt, gs = torch.autograd.grad(kl, (i, t, loss.logit_scale))
+    kl = loss.kl(i, t, img, txt, loss.temperature.scale().detach())
+    gi, gt, gs = torch.autograd.grad(kl, (i, t, loss.temperature.logit_scale))
     assert abs(float(kl.detach())) < 1e-14
     for g in (gi, gt, gs):
         assert float(g.abs().max()) < 1e-13
@@ -174,7 +174,7 @@ def test_distill_loss_impls_agree():
         loss = DistillLoss(impl=impl, chunk_size=2, distill_weight=0.5).double()
         value, metrics = loss(img, txt, t_img, t_txt, torch.tensor([40.0], dtype=F64))
         value.backward()
-        out.append((value.detach(), metrics["distill_kl"], loss.logit_scale.grad.clone()))
+        out.append((value.detach(), metrics["distill_kl"], loss.temperature.logit_scale.grad.clone()))
     torch.testing.assert_close(out[0], out[1], rtol=1e-10, atol=1e-14)
     assert float(out[0][1]) > 0
 

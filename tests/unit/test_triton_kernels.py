@@ -277,6 +277,14 @@ def test_half_inputs_accumulate_in_fp32(dtype):
         assert (got.double() - ref).norm() / ref.norm() < 1e-2
 
 
+def test_auto_chunk_is_the_default_gradient_block_width():
+    """chunk=None (loss.chunk_size=auto): DEFAULT_GRAD_WIDTH columns, rounded and capped like a
+    chunk given explicitly (the chunked kernels' row budget does not apply here)."""
+    width, default = triton_contrastive._block_width, triton_contrastive.DEFAULT_GRAD_WIDTH
+    assert width(16384, 65536, None, 2, 128) == width(16384, 65536, default, 2, 128) == 4096
+    assert width(8, 100, None, 4, 64) == 100
+
+
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     q, k = pair(4, 8, 16, 0, seed=8, dtype=torch.float32)
     s = torch.tensor(10.0)
