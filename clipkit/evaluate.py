@@ -17,10 +17,10 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from clipkit.checkpoint import Checkpointer, export_open_clip
-from clipkit.config import CONF_DIR, preflight
+from clipkit.config import CONF_DIR, freeze, preflight
 from clipkit.errors import ClipkitConfigError
 from clipkit.run_dir import RunDir
 
@@ -39,7 +39,6 @@ def run_loss_needs(run_dir: RunDir | None) -> tuple[str, ...]:
     if run_dir is None or not run_dir.config.exists():
         return ()
     from hydra.utils import get_class
-    from omegaconf import OmegaConf
 
     return tuple(getattr(get_class(OmegaConf.load(run_dir.config).loss._target_), "needs", ()))
 
@@ -64,6 +63,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config
     from clipkit.objective import ContrastiveObjective
 
+    if not OmegaConf.is_readonly(cfg):
+        freeze(cfg, "eval")
     specs = build_eval_specs(cfg.eval.sets)
     search = build_search_config(cfg.eval)
     if not specs:
@@ -73,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_dir = RunDir(cfg.run_dir) if cfg.run_dir is not None else None
     if run_dir is not None and not run_dir.root.is_dir():
         raise ClipkitConfigError(f"run_dir not found: {run_dir.root}")
-    scorer = build_scorer(cfg.eval.get("scoring", "auto"), run_loss_needs(run_dir))
+    scorer = build_scorer(cfg.eval.scoring, run_loss_needs(run_dir))
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     with tempfile.TemporaryDirectory(prefix="clipkit_eval_export_") as scratch:
@@ -89,7 +90,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     suite = EvalSuite(specs, preprocess=preprocess, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
                       out_dir=Path(cfg.out_dir) / result_folder(label), model_name=label,
                       pretrained=str(pretrained or label),
-                      search=search, cache_dir=cfg.eval.get("cache_dir"), scorer=scorer)
+                      search=search, cache_dir=cfg.eval.cache_dir, scorer=scorer)
     metrics = suite.run(ContrastiveObjective(model, loss=None), device=device, tag=checkpoint_tag(run_dir, pretrained))
     write_summary(cfg.out_dir, label, suite.last_results)
     print(suite.results_table(), flush=True)

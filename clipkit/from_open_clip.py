@@ -327,7 +327,7 @@ def _model(a: dict[str, Any], given: dict[str, Any], t: Translation, available: 
     if a["pretrained"]:
         t.overrides.append(f"model.pretrained={hydra_value(a['pretrained'])}")
     if a["lock_image"]:
-        t.overrides.append("+model.lock_image=" + hydra_value({
+        t.overrides.append("model.lock_image=" + hydra_value({
             "unlocked_groups": a["lock_image_unlocked_groups"], "freeze_bn_stats": a["lock_image_freeze_bn_stats"]}))
     else:
         for flag in ("--lock-image-unlocked-groups", "--lock-image-freeze-bn-stats"):
@@ -335,14 +335,14 @@ def _model(a: dict[str, Any], given: dict[str, Any], t: Translation, available: 
                 t.notes.append(f"{flag}: no effect without --lock-image, as in open_clip_train")
     if a["lock_text"]:
         # clipkit's lock_text defaults freeze_layer_norm to true; open_clip_train's flag defaults to false.
-        t.overrides.append("+model.lock_text=" + hydra_value({
+        t.overrides.append("model.lock_text=" + hydra_value({
             "unlocked_layers": a["lock_text_unlocked_layers"], "freeze_layer_norm": a["lock_text_freeze_layer_norm"]}))
     else:
         for flag in ("--lock-text-unlocked-layers", "--lock-text-freeze-layer-norm"):
             if _dest(flag) in given:
                 t.notes.append(f"{flag}: no effect without --lock-text, as in open_clip_train")
     if a["force_patch_dropout"] is not None:
-        t.overrides.append(f"+model.patch_dropout={hydra_value(a['force_patch_dropout'])}")
+        t.overrides.append(f"model.patch_dropout={hydra_value(a['force_patch_dropout'])}")
     if a["grad_checkpointing"]:
         if available["model.grad_checkpointing"]:
             t.overrides.append("model.grad_checkpointing=true")

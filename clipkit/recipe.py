@@ -45,6 +45,7 @@ from clipkit.plots import plot_training_curves
 from clipkit.preemption import (Preempted, PreemptionWatch, ignore_preemption_signals, parse_signals,
                                 requeue_slurm_job)
 from clipkit.run_dir import RunDir, atomic_write_text
+from clipkit.schema import LockImageConfig, LockTextConfig, TeacherConfig, load_section
 from clipkit.trainer import NONFINITE_POLICIES, Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,19 @@ def _plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def _section(schema: type, node: Any, path: str) -> Any:
+    """An optional sub-dict of `model:` as its schema dataclass (defaults filled), or None."""
+    return None if node is None else load_section(schema, node, path)
+
+
 def build_towers(model_cfg: DictConfig) -> ModelBundle:
     """`model:` section -> open_clip towers (LiT locks, FLIP patch dropout and activation
     checkpointing applied), transforms and tokenizer."""
     bundle = build_model(model_cfg.name, pretrained=model_cfg.pretrained, config=_plain(model_cfg.config),
-                         patch_dropout=float(model_cfg.get("patch_dropout", 0.0)))
-    lock_towers(bundle.model, image=_plain(model_cfg.get("lock_image")), text=_plain(model_cfg.get("lock_text")))
-    if model_cfg.get("grad_checkpointing"):
+                         patch_dropout=model_cfg.patch_dropout)
+    lock_towers(bundle.model, image=_section(LockImageConfig, model_cfg.lock_image, "model.lock_image"),
+                text=_section(LockTextConfig, model_cfg.lock_text, "model.lock_text"))
+    if model_cfg.grad_checkpointing:
         bundle.model.set_grad_checkpointing(True)
     return bundle
 
@@ -129,10 +136,10 @@ def build_objective(model_cfg: DictConfig, bundle: ModelBundle, loss: torch.nn.M
     model lacks.
     """
     loss_name = loss_name or type(loss).__name__
-    teacher_cfg = model_cfg.get("teacher")
+    teacher_cfg = _section(TeacherConfig, model_cfg.teacher, "model.teacher")
     teacher = None
-    if teacher_cfg:
-        teacher_model = build_teacher_model(teacher_cfg.name, teacher_cfg.pretrained, _plain(teacher_cfg.get("config")))
+    if teacher_cfg is not None:
+        teacher_model = build_teacher_model(teacher_cfg.name, teacher_cfg.pretrained, teacher_cfg.config)
         teacher_vocab = open_clip_config(teacher_cfg.name)["text_cfg"].get("vocab_size", 49408)
         student_vocab = bundle.model_cfg["text_cfg"].get("vocab_size", 49408)
         if teacher_vocab != student_vocab:
@@ -140,9 +147,9 @@ def build_objective(model_cfg: DictConfig, bundle: ModelBundle, loss: torch.nn.M
                                      f"({teacher_vocab} vs {student_vocab}); the teacher reads the student's "
                                      f"token ids")
         teacher = Teacher(teacher_model)
-    unmasked = int(model_cfg.get("unmasked_tuning_steps", 0))
+    unmasked = model_cfg.unmasked_tuning_steps
     objective = ContrastiveObjective(
-        bundle.model, loss, teacher=teacher, tail_drop_max=int(model_cfg.get("tail_drop_max", 0)),
+        bundle.model, loss, teacher=teacher, tail_drop_max=model_cfg.tail_drop_max,
         unmasked_tuning_from_step=max_steps - unmasked + 1 if unmasked else None, seed=seed)
     objective.check_outputs(loss_name, bundle.name, tuple(loss.needs))
     return objective
@@ -193,7 +200,7 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     sources = build_sources(cfg.data)
     eval_specs = build_eval_specs(cfg.eval.sets)
     eval_search = build_search_config(cfg.eval)
-    build_scorer(cfg.eval.get("scoring", "auto"))
+    build_scorer(cfg.eval.scoring)
     check_schedule(cfg.sched)
     if cfg.trainer.nonfinite not in NONFINITE_POLICIES:
         raise ClipkitConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r} is not one of "
@@ -203,13 +210,13 @@ def check_inputs(cfg: DictConfig) -> Inputs:
         global_batch_size=cfg.data.global_batch_size, world_size=distributed.env_dist_info().world_size,
         zero_stage=cfg.trainer.zero_stage, precision=cfg.trainer.precision, grad_clip=cfg.trainer.grad_clip,
         accum_steps=cfg.trainer.accum_steps)
-    if cfg.eval.get("cache_dir"):
+    if cfg.eval.cache_dir:
         # The cache is keyed by (model, set, step): two runs of one architecture would share
         # entries, and a run never re-embeds the same weights, so there is nothing to reuse.
         raise ClipkitConfigError("eval.cache_dir is for clipkit-eval; training evals embed new weights "
                                  "at every step, so unset it for clipkit-train")
     try:
-        preempt_signals = parse_signals(cfg.launcher.get("preempt_signals") or [])
+        preempt_signals = parse_signals(cfg.launcher.preempt_signals or [])
     except ValueError as err:
         raise ClipkitConfigError(str(err)) from None
     checkpointer = Checkpointer(RunDir(cfg.paths.run_dir).checkpoints)
@@ -267,7 +274,7 @@ def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Ru
     announce(cfg, dist, bundle, run_dir)
     suite = EvalSuite(inputs.eval_specs, preprocess=bundle.preprocess_val, tokenizer=bundle.tokenizer,
                       batch_size=cfg.eval.batch_size, out_dir=run_dir.eval, model_name=bundle.name,
-                      search=inputs.eval_search, scorer=build_scorer(cfg.eval.get("scoring", "auto"), loss.needs))
+                      search=inputs.eval_search, scorer=build_scorer(cfg.eval.scoring, loss.needs))
     loggers = build_loggers(OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.wandb else None,
                             run_dir=run_dir, run_name=cfg.run_name,
                             config=OmegaConf.to_container(cfg, resolve=True), is_main=dist.is_main)
@@ -290,7 +297,7 @@ def resume(run: Run, tag: str | None) -> None:
     run.loader = build_train_loader(
         cfg.data, run.inputs.sources, preprocess=run.bundle.preprocess_train, tokenize=run.bundle.tokenizer,
         rank=run.dist.rank, world_size=run.dist.world_size, seed=data_seed, resume=data_state,
-        keys_dir=run.run_dir.data_keys if cfg.data.get("record_keys") else None,
+        keys_dir=run.run_dir.data_keys if cfg.data.record_keys else None,
         worker_init_fn=ignore_preemption_signals)
     if data_state is not None and run.loader.batches != run.start_step:
         # One batch per step per rank: anything else means the checkpoint is inconsistent.
@@ -321,7 +328,7 @@ def fit(run: Run) -> None:
             watch.close()
     if trainer.preempted_at is not None:
         # The checkpoint is complete on every rank (its `latest` marker flipped), so the job can go.
-        requeued = bool(run.dist.is_main and cfg.launcher.get("requeue") and requeue_slurm_job())
+        requeued = bool(run.dist.is_main and cfg.launcher.requeue and requeue_slurm_job())
         distributed.barrier()  # no rank exits (srun --kill-on-bad-exit would end the step) before the requeue
         run.loggers.log({"step": trainer.preempted_at, "preempted": 1.0})
         run.loggers.close()

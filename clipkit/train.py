@@ -11,26 +11,33 @@ import sys
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from clipkit.config import CONF_DIR, preflight, resolve_step_budget
+from clipkit.config import CONF_DIR, freeze, preflight, resolve_step_budget
 from clipkit.errors import ClipkitConfigError
+
+
+def prepare(cfg: DictConfig) -> DictConfig:
+    """The composed config made final: the epoch budget written into `trainer.max_steps`, the
+    schema checked, and the whole config read-only from here on. A frozen config passes as it is."""
+    if not OmegaConf.is_readonly(cfg):
+        resolve_step_budget(cfg)
+        freeze(cfg, "train")
+    return cfg
 
 
 def check(cfg: DictConfig) -> None:
     """The checks `preflight` runs on the composed config, before Hydra makes a run directory."""
     from clipkit.recipe import check_inputs  # deferred: a bad override fails before torch is imported
 
-    resolve_step_budget(cfg)
-    check_inputs(cfg)
+    check_inputs(prepare(cfg))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Runs one training job from a composed config; returns the final eval metrics."""
     from clipkit.recipe import run_training  # deferred: keeps config errors fast
 
-    resolve_step_budget(cfg)
-    return run_training(cfg)
+    return run_training(prepare(cfg))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

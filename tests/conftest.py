@@ -58,6 +58,7 @@ def demo_export(digits_root) -> Path:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    import clipkit.config  # noqa: F401  registers the config schema that conf/train.yaml lists first
     from clipkit.models import build_model  # registers the inline tiny config with open_clip
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

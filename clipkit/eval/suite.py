@@ -30,6 +30,7 @@ from clipkit.eval.captioning import evaluate_captioning
 from clipkit.eval.late_interaction import late_interaction_metrics
 from clipkit.eval.scoring import LateInteraction, PooledCosine, Scorer
 from clipkit.eval.zeroshot import zeroshot_classifier
+from clipkit.schema import EvalSetConfig, load_section
 
 # clip_benchmark: a directory in CLIP_benchmark's webdataset layout (its --dataset_root), read as urls.
 SOURCES = ("urls", "clip_benchmark", *datasets.FILE_SOURCES)
@@ -53,8 +54,8 @@ class EvalSetSpec:
     caption_beams: int = 1  # captioning task: 1 = greedy decoding, > 1 = beam search of that width
 
 
-def _source_of(name: str, s: Any) -> str:
-    given = [k for k in SOURCES if s.get(k) is not None]
+def _source_of(name: str, s: EvalSetConfig) -> str:
+    given = [k for k in SOURCES if getattr(s, k) is not None]
     if len(given) != 1:
         raise ClipkitConfigError(f"eval.sets.{name}: give exactly one of {', '.join(SOURCES)}; got {given or 'none'}")
     return given[0]
@@ -69,34 +70,37 @@ def _file_metadata(source: str, path: str) -> tuple[list[str] | None, list[str] 
 def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
     """`eval.sets` ({name: {urls|clip_benchmark|csv|jsonl|folder, tasks, classnames, templates, ...}}) -> checked specs.
 
-    `clip_benchmark: <root>` (with `split`, default test) reads a set in CLIP_benchmark's
-    webdataset layout: shards from `<root>/<split>/nshards.txt`, default task from
-    `<root>/dataset_type.txt`, class names and templates from `<root>`.
+    Each set's keys are `clipkit.schema.EvalSetConfig`'s. `clip_benchmark: <root>` (with `split`,
+    default test) reads a set in CLIP_benchmark's webdataset layout: shards from
+    `<root>/<split>/nshards.txt`, default task from `<root>/dataset_type.txt`, class names and
+    templates from `<root>`.
     """
     specs = []
-    for name, s in (sets_cfg or {}).items():
+    for name in (sets_cfg or {}):
+        s = load_section(EvalSetConfig, sets_cfg[name], f"eval.sets.{name}")
         source = _source_of(name, s)
         urls, path, dataset_type = [], None, None
         if source == "urls":
-            urls = expand_urls(s["urls"])
+            urls = expand_urls(s.urls)
         elif source == "clip_benchmark":
             try:
-                urls, dataset_type = clip_benchmark_set(str(s["clip_benchmark"]), str(s.get("split") or "test"))
+                urls, dataset_type = clip_benchmark_set(s.clip_benchmark, s.split)
             except ClipkitConfigError as err:
                 raise ClipkitConfigError(f"eval.sets.{name}.clip_benchmark: {err}; write the set there (the demo's: "
                                          f"clipkit-shards digits <data_dir>/digits), point the key elsewhere, or "
                                          f"run without evals: eval=none") from None
             source = "urls"
         else:
-            path = str(s[source])
+            path = str(getattr(s, source))
         default_tasks = ["zeroshot_classification"] if source == "folder" or dataset_type == "classification" else \
             ["retrieval"] if source in ("csv", "jsonl") or dataset_type == "retrieval" else TASKS
-        tasks = list(s.get("tasks") or default_tasks)
+        tasks = list(s.tasks or default_tasks)
         unknown = sorted(set(tasks) - set(SET_TASKS))
         if unknown:
             raise ClipkitConfigError(f"eval.sets.{name}.tasks: unknown {unknown}; choose from {list(SET_TASKS)}")
-        classnames, templates = s.get("classnames"), s.get("templates")
-        reader_args = {k: str(s[k]) for k in ("image_key", "caption_key", "image_root") if s.get(k) is not None}
+        classnames, templates = s.classnames, s.templates
+        reader_args = {k: str(getattr(s, k)) for k in ("image_key", "caption_key", "image_root")
+                       if getattr(s, k) is not None}
         if "zeroshot_classification" in tasks and (classnames is None or templates is None):
             found_names, found_templates = read_set_metadata(urls[0]) if urls else _file_metadata(source, path)
             classnames = list(classnames) if classnames is not None else found_names
@@ -106,7 +110,7 @@ def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
                     f"eval.sets.{name}: zero-shot needs class names and templates; set "
                     f"eval.sets.{name}.classnames/templates or put classnames.txt and "
                     f"zeroshot_classification_templates.txt beside the shards")
-        beams = int(s.get("caption_beams") or 1)
+        beams = s.caption_beams
         if beams < 1:
             raise ClipkitConfigError(f"eval.sets.{name}.caption_beams must be >= 1, got {beams}")
         specs.append(EvalSetSpec(name, urls, tasks, classnames and list(classnames),

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from clipkit.errors import ClipkitConfigError
+from clipkit.schema import LockImageConfig, LockTextConfig
 
 
 @dataclass
@@ -125,21 +126,19 @@ def build_model(name: str, *, pretrained: str | None = None, config: dict[str, A
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, name, model_cfg, scale, bias)
 
 
-def lock_towers(model: nn.Module, *, image: dict[str, Any] | None, text: dict[str, Any] | None) -> None:
+def lock_towers(model: nn.Module, *, image: LockImageConfig | None, text: LockTextConfig | None) -> None:
     """LiT (Zhai et al. 2022): freeze the image and/or text tower with open_clip's own lock.
 
     Args:
-        image: None, or {unlocked_groups: N (0 = all locked), freeze_bn_stats: bool}.
-        text: None, or {unlocked_layers: N, freeze_layer_norm: bool}.
+        image: None, or `model.lock_image` (unlocked_groups: N, 0 = all locked; freeze_bn_stats).
+        text: None, or `model.lock_text` (unlocked_layers: N; freeze_layer_norm).
     Locked parameters get requires_grad=False, so they get no gradient and no optimizer
     state; frozen BN statistics become FrozenBatchNorm2d and stay fixed in train mode.
     """
     if image is not None:
-        model.lock_image_tower(unlocked_groups=int(image.get("unlocked_groups", 0)),
-                               freeze_bn_stats=bool(image.get("freeze_bn_stats", False)))
+        model.lock_image_tower(unlocked_groups=image.unlocked_groups, freeze_bn_stats=image.freeze_bn_stats)
     if text is not None:
-        model.lock_text_tower(unlocked_layers=int(text.get("unlocked_layers", 0)),
-                              freeze_layer_norm=bool(text.get("freeze_layer_norm", True)))
+        model.lock_text_tower(unlocked_layers=text.unlocked_layers, freeze_layer_norm=text.freeze_layer_norm)
 
 
 def build_teacher_model(name: str, pretrained: str, config: dict[str, Any] | None = None) -> nn.Module:

@@ -164,7 +164,7 @@ def test_lit_run():
     t = translated("lit")
     assert t.overrides == [
         "model=ViT-B-32", "model.pretrained=laion2b_s34b_b79k",
-        "+model.lock_image={unlocked_groups:2,freeze_bn_stats:true}", "data=webdataset",
+        "model.lock_image={unlocked_groups:2,freeze_bn_stats:true}", "data=webdataset",
         "data.train_urls='/data/cc3m/{00000..00331}.tar'", "data.global_batch_size=256", "optim.lr=0.0005",
         "optim.weight_decay=0.2", "optim.betas=[0.9,0.98]", "optim.eps=1e-06", "sched.warmup_steps=1000",
         "trainer.max_steps=56760", "trainer.precision=bf16", "trainer.grad_clip=null",
@@ -175,8 +175,8 @@ def test_lit_run():
 def test_patch_dropout_lock_text_and_resume():
     t = translated("flip_resume")
     assert t.overrides == [
-        "model.name=ViT-L-14", "model.config=null", "+model.lock_text={unlocked_layers:2,freeze_layer_norm:false}",
-        "+model.patch_dropout=0.5", "data=webdataset", "data.train_urls='/data/x/{000..099}.tar'",
+        "model.name=ViT-L-14", "model.config=null", "model.lock_text={unlocked_layers:2,freeze_layer_norm:false}",
+        "model.patch_dropout=0.5", "data=webdataset", "data.train_urls='/data/x/{000..099}.tar'",
         "data.global_batch_size=200", "optim.lr=0.0005", "optim.weight_decay=0.2", "optim.betas=[0.9,0.95]",
         "optim.eps=1e-06", "sched.warmup_steps=10000", "trainer.max_steps=1000", "trainer.precision=fp32",
         "trainer.grad_clip=null", "trainer.resume=auto", "trainer.checkpoint_every_n_steps=0",

@@ -184,13 +184,13 @@ def test_tail_drop_k_is_per_step_seeded_and_off_in_eval():
 
 
 def test_tail_drop_acts_before_the_coca_pooler():
-    """`+model.tail_drop_max` on CoCa: the attentional pooler (and so the caption decoder and the
+    """`model.tail_drop_max` on CoCa: the attentional pooler (and so the caption decoder and the
     contrastive embedding) sees 16 − k patch tokens; k = 0 is the plain model, dropped tokens get
     no gradient."""
     from clipkit.losses import CocaLoss
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=coca_digits", "+model.tail_drop_max=4"])
+        cfg = compose("train", overrides=["experiment=coca_digits", "model.tail_drop_max=4"])
     torch.manual_seed(0)
     bundle = build_towers(cfg.model)
     objective = build_objective(cfg.model, bundle, CocaLoss(), max_steps=10, seed=0)
