@@ -64,6 +64,16 @@ def open_clip_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+def open_clip_state_shapes(model_cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: shape} of the complete open_clip model (logit_scale included) that
+    `model_cfg` describes, built on the meta device: no memory, no weights."""
+    name = "clipkit-shape-check"
+    _register_inline_config(name, model_cfg)
+    with _without_random_init_warning():
+        model = open_clip.create_model(name, device="meta")
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
 @contextlib.contextmanager
 def _without_random_init_warning():
     """Drops open_clip's root-logger warning "No pretrained weights loaded ... initialized
