@@ -1,29 +1,47 @@
 """Checkpoints: save and resume through the DeepSpeed engine, atomically; export to open_clip.
 
 Under a run directory (`clipkit.run_dir.RunDir`):
-    checkpoints/step_00000500/   DeepSpeed tag directory (model, optimizer, client state)
+    checkpoints/step_00000500/   DeepSpeed tag directory (model, optimizer, client state), plus
+                                 the launch's config.yaml and open_clip_config.json
     checkpoints/latest           name of the newest *complete* tag, replaced atomically
 
 A save writes the tag directory first and flips `latest` only after every rank has
-finished, so a process killed mid-save leaves `latest` on the previous good checkpoint.
+finished, so a process killed mid-save, or a save that fails (a full disk), leaves `latest`
+on the previous good checkpoint.
+
+Every checkpoint file clipkit reads goes through `torch.load(weights_only=True)` first
+(`load_file`): tensors, containers and the few DeepSpeed classes in `_deepspeed_globals`,
+never arbitrary pickled code. DeepSpeed's own loads (`engine.load_checkpoint`, zero_to_fp32)
+use `weights_only=False`, so clipkit vets a tag's files before handing it to them
+(`read_tag`), and refuses a tag written for another model with the keys and shapes that differ.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from clipkit import distributed
 from clipkit.errors import ClipkitConfigError
+from clipkit.models.factory import open_clip_state_shapes
 from clipkit.run_dir import OPEN_CLIP_CONFIG, RunDir, atomic_write_bytes, atomic_write_text
 
 LATEST = "latest"
 EXPORT_WEIGHTS = "open_clip_pytorch_model.bin"
+# open_clip's `local-dir:` loading takes this name first.
+EXPORT_SAFETENSORS = "open_clip_model.safetensors"
+# Rank 0's model states: stages 0-2, and ZeRO-3 (one file per rank).
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+# Files of the launch that wrote a checkpoint, copied into its tag directory.
+_RUN_FILES = ("config.yaml", OPEN_CLIP_CONFIG)
 # Objective parameters that open_clip keeps on the model itself rather than in a loss: each
 # clipkit loss holds them in its `temperature` (a `clipkit.losses.logit_scale.LogitScale`).
 _LOSS_TO_OPEN_CLIP = {"loss.temperature.logit_scale": "logit_scale", "loss.temperature.logit_bias": "logit_bias"}
@@ -31,6 +49,99 @@ _LOSS_TO_OPEN_CLIP = {"loss.temperature.logit_scale": "logit_scale", "loss.tempe
 
 def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount); the previous one is intact."""
+
+
+def _deepspeed_globals() -> list[type]:
+    """The classes DeepSpeed 0.19 pickles into its checkpoint files besides tensors and plain
+    containers, found by loading every file of ZeRO 0-3 checkpoints in fp32 and bf16 with
+    weights_only=True (DynamicLossScaler: fp16 runs on GPU)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _reason(err: BaseException) -> str:
+    """The line of a torch.load error that says what went wrong."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refused = [line for line in lines if "GLOBAL" in line]   # the object a safe load refused
+    return (refused or lines or [type(err).__name__])[0]
+
+
+def load_file(path: str | Path, *, mmap: bool = False) -> Any:
+    """One checkpoint file through `torch.load(weights_only=True)`, on the CPU.
+
+    `mmap=True` maps tensors instead of reading them (cheap vetting). Raises a one-line
+    ClipkitConfigError naming the file when it is truncated or corrupt, or holds objects a
+    safe load refuses.
+    """
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise ClipkitConfigError(f"checkpoint file {path} holds objects a safe load refuses ({_reason(err)}); "
+                                 f"clipkit only loads tensors and DeepSpeed's own state") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ClipkitConfigError(f"checkpoint file {path} cannot be read, it is truncated or corrupt "
+                                 f"({_reason(err)})") from None
+
+
+def read_tag(tag_dir: str | Path) -> dict[str, Any]:
+    """Vets every `*.pt` file of a DeepSpeed tag directory with `load_file` (memory-mapped) and
+    returns rank 0's model states (`module`, `param_shapes`, ...)."""
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        raise ClipkitConfigError(f"checkpoint directory not found: {tag_dir}")
+    states = None
+    for path in sorted(tag_dir.glob("*.pt")):
+        loaded = load_file(path, mmap=True)
+        if path.name in _MODEL_STATES:
+            states = loaded
+    if states is None:
+        raise ClipkitConfigError(f"checkpoint {tag_dir} is incomplete: it has no {' or '.join(_MODEL_STATES)}")
+    return states
+
+
+def saved_shapes(states: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """{objective key: shape} of the weights in DeepSpeed model states. ZeRO-3 stores empty
+    placeholders in `module`; its `param_shapes` (trainable) and `frozen_param_shapes` hold the
+    real shapes, and stages 0-2 agree with them."""
+    shapes = {key: tuple(value.shape) for key, value in states["module"].items()}
+    for group in states.get("param_shapes") or []:
+        shapes.update({key: tuple(shape) for key, shape in group.items()})
+    shapes.update({key: tuple(shape) for key, shape in (states.get("frozen_param_shapes") or {}).items()})
+    return shapes
+
+
+def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: full shape} of a module, also when ZeRO-3 has partitioned it (`ds_shape`)."""
+    return {key: tuple(getattr(value, "ds_shape", value.shape))
+            for key, value in module.state_dict(keep_vars=True).items()}
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def check_same_model(saved: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                     what: str, fix: str) -> None:
+    """Raises a ClipkitConfigError listing the keys and shapes in which a checkpoint (`saved`)
+    differs from the model it is loaded into (`expected`)."""
+    wrong = [f"{key} {list(saved[key])} vs {list(shape)}" for key, shape in expected.items()
+             if key in saved and tuple(saved[key]) != tuple(shape)]
+    missing = [key for key in expected if key not in saved]
+    unexpected = [key for key in saved if key not in expected]
+    if not (wrong or missing or unexpected):
+        return
+    parts = [f"{len(wrong)} shapes differ (checkpoint vs model): {_few(wrong)}"] if wrong else []
+    parts += [f"{len(missing)} model keys are not in the checkpoint: {_few(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} checkpoint keys are not in the model: {_few(unexpected)}"] if unexpected else []
+    raise ClipkitConfigError(f"{what} was written for a different model: {'; '.join(parts)}; {fix}")
 
 
 class Checkpointer:
@@ -67,21 +178,57 @@ class Checkpointer:
         return resume
 
     def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
-        """Collective: every rank must call it. Returns the tag written."""
+        """Collective: every rank must call it. Returns the tag written.
+
+        Raises CheckpointWriteError, naming the last complete checkpoint, when this rank's part
+        cannot be written; `latest` then still names that checkpoint. (The other ranks wait in
+        DeepSpeed's closing barrier until the launcher stops them or the process-group timeout.)
+        """
         tag = tag_for_step(step)
         if distributed.rank() == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        except OSError as err:
+            raise self._write_error(tag, err) from err
         distributed.barrier()
         if distributed.rank() == 0:
-            atomic_write_text(self.dir / LATEST, tag)
+            try:
+                self._copy_run_files(tag)
+                atomic_write_text(self.dir / LATEST, tag)
+            except OSError as err:
+                raise self._write_error(tag, err) from err
             self._prune(keep=tag)
         distributed.barrier()
         return tag
 
+    def _write_error(self, tag: str, err: OSError) -> CheckpointWriteError:
+        last = self.latest_tag()
+        after = (f"the last complete checkpoint is {last} (resume with trainer.resume=latest)" if last
+                 else "there is no complete checkpoint yet")
+        error = CheckpointWriteError(f"checkpoint {tag} could not be written ({err.strerror or err}); {after}")
+        error.errno = err.errno
+        return error
+
+    def _copy_run_files(self, tag: str) -> None:
+        """The launch's config.yaml and open_clip_config.json (`RunDir`, the parent of `dir`) go
+        with the checkpoint: a later launch rewrites the run's copies, an export needs this one."""
+        for name in _RUN_FILES:
+            source = self.dir.parent / name
+            if source.is_file():
+                atomic_write_bytes(self.dir / tag / name, source.read_bytes())
+
     def load(self, engine, tag: str) -> dict[str, Any]:
-        """Restores model, optimizer and scheduler; returns the saved client state."""
+        """Restores model, optimizer and scheduler; returns the saved client state.
+
+        The tag's files are vetted with safe loads first, and a checkpoint of another model is
+        refused with the keys and shapes that differ, before DeepSpeed's own load touches them.
+        """
+        states = read_tag(self.dir / tag)
+        check_same_model(saved_shapes(states), module_shapes(engine.module), f"checkpoint {self.dir / tag}",
+                         f"resume with the model it was trained with ({self.dir / tag / 'config.yaml'}) "
+                         f"or start a new run_name=...")
         path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
         if path is None:
             raise ClipkitConfigError(f"could not load checkpoint {self.dir / tag}")
@@ -98,19 +245,17 @@ def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     """The objective's full fp32 weights from one DeepSpeed tag directory, any ZeRO stage.
 
     ZeRO/bf16 checkpoints hold the fp32 master weights partitioned in their optimizer
-    shards (consolidated with DeepSpeed's zero_to_fp32); plain fp32 stage-0 checkpoints
-    hold them in the module state.
+    shards (consolidated with DeepSpeed's zero_to_fp32, after `read_tag` vetted every file);
+    plain fp32 stage-0 checkpoints hold them in the module state.
     """
     tag_dir = Path(tag_dir)
-    if not tag_dir.is_dir():
-        raise ClipkitConfigError(f"checkpoint directory not found: {tag_dir}")
+    states = read_tag(tag_dir)
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)["module"]
+        state = states["module"]
     return {k: v.float() for k, v in state.items()}
 
 
@@ -126,27 +271,37 @@ def to_open_clip_state_dict(objective_state: dict[str, torch.Tensor]) -> dict[st
 
 
 def export_open_clip(run_dir: str | Path, out_dir: str | Path | None = None, tag: str | None = None) -> Path:
-    """Writes `open_clip_pytorch_model.bin` + `open_clip_config.json` from a run's checkpoint.
+    """Writes `open_clip_model.safetensors`, `open_clip_pytorch_model.bin` and `open_clip_config.json`
+    from a run's checkpoint.
 
-    The result loads with `open_clip.create_model_and_transforms("local-dir:<out_dir>")`, or
-    with `create_model_and_transforms(name, pretrained=<out_dir>/open_clip_pytorch_model.bin)`
-    for a built-in architecture name. Returns the weights path.
+    The result loads with `open_clip.create_model_and_transforms("local-dir:<out_dir>")` (which
+    takes the safetensors file), or with `create_model_and_transforms(name, pretrained=<the .bin>)`
+    for a built-in architecture name. The model config is the one the checkpoint was written
+    with (its tag directory's copy; the run's for checkpoints from before those copies), and a
+    checkpoint that does not fit it is refused with the keys and shapes that differ.
+    Returns the .bin path.
     """
     run = RunDir(run_dir)
     ckpt = Checkpointer(run.checkpoints)
     tag = tag or ckpt.latest_tag()
     if tag is None:
         raise ClipkitConfigError(f"{run.root} has no complete checkpoint to export")
-    config = json.loads(run.open_clip_config.read_text())
+    tag_config = ckpt.dir / tag / OPEN_CLIP_CONFIG
+    config = json.loads((tag_config if tag_config.is_file() else run.open_clip_config).read_text())
     state = to_open_clip_state_dict(fp32_state_dict(ckpt.dir / tag))
     if "logit_bias" in state:
         # open_clip only creates `logit_bias` when the config asks for it (SigLIP models).
         config["model_cfg"]["init_logit_bias"] = float(state["logit_bias"])
+    check_same_model({k: tuple(v.shape) for k, v in state.items()}, open_clip_state_shapes(config["model_cfg"]),
+                     f"checkpoint {ckpt.dir / tag}", f"its model config is {tag_config if tag_config.is_file() else run.open_clip_config}")
     out_dir = Path(out_dir) if out_dir else run.export
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / EXPORT_WEIGHTS
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(weights, buffer.getvalue())
+    # safetensors refuses tensors that share memory (zero_to_fp32 returns views of flat buffers).
+    atomic_write_bytes(out_dir / EXPORT_SAFETENSORS,
+                       safetensors.torch.save({k: v.detach().contiguous().clone() for k, v in state.items()}))
     atomic_write_text(out_dir / OPEN_CLIP_CONFIG, json.dumps(config, indent=2))
     return weights

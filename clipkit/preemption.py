@@ -48,14 +48,23 @@ def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
 
 
 class PreemptionWatch:
-    """Installs handlers for `signals` that record the first one received (main thread only)."""
+    """Installs handlers for `signals` that record the first one received (main thread only).
+
+    After `close` (training is over) a signal is logged and ignored: a SIGUSR1 that arrives
+    after the last step must neither kill a finishing run (its default action) nor requeue it,
+    and the SIGTERM with which a requeue ends the job must not cut the exit short.
+    """
 
     def __init__(self, signals: Sequence[signal.Signals]):
         self.received: signal.Signals | None = None
+        self.closed = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received is None:
+        if self.closed:
+            log.warning("received %s after training stopped: ignored while the run finishes",
+                        signal.Signals(signum).name)
+        elif self.received is None:
             self.received = signal.Signals(signum)
             log.warning("received %s: checkpointing at the end of this step, then stopping", self.received.name)
 
@@ -65,6 +74,11 @@ class PreemptionWatch:
         return float(self.received is not None)
 
     def close(self) -> None:
+        """Training is over: from now on the signals are logged and ignored (see the class)."""
+        self.closed = True
+
+    def restore(self) -> None:
+        """Gives the signals back their handlers from before the watch."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}

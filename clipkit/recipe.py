@@ -327,11 +327,12 @@ def fit(run: Run) -> None:
         if watch is not None:
             watch.close()
     if trainer.preempted_at is not None:
+        # Logged first: a requeue makes SLURM end the job's processes at once.
+        run.loggers.log({"step": trainer.preempted_at, "preempted": 1.0})
+        run.loggers.close()
         # The checkpoint is complete on every rank (its `latest` marker flipped), so the job can go.
         requeued = bool(run.dist.is_main and cfg.launcher.requeue and requeue_slurm_job())
         distributed.barrier()  # no rank exits (srun --kill-on-bad-exit would end the step) before the requeue
-        run.loggers.log({"step": trainer.preempted_at, "preempted": 1.0})
-        run.loggers.close()
         raise Preempted(trainer.preempted_at, requeued)
 
 

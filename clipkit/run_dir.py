@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipkit.errors import ClipkitConfigError
+
 OPEN_CLIP_CONFIG = "open_clip_config.json"   # open_clip's own name (`local-dir:` reads it)
 
 
@@ -52,6 +54,19 @@ class RunDir:
     @property
     def name(self) -> str:
         return self.root.name
+
+    def check_writable(self) -> None:
+        """Raises a one-line ClipkitConfigError when the run directory cannot be created or
+        written (a path through a file, a read-only mount), without creating anything."""
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ClipkitConfigError(f"run directory {self.root} cannot be created: {existing} is a file, not a "
+                                     f"directory (set paths.output_dir or run_name)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ClipkitConfigError(f"run directory {self.root} cannot be written: {existing} is read-only for "
+                                     f"this user or mount (set paths.output_dir)")
 
     @property
     def config(self) -> Path:

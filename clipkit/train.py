@@ -29,8 +29,11 @@ def prepare(cfg: DictConfig) -> DictConfig:
 def check(cfg: DictConfig) -> None:
     """The checks `preflight` runs on the composed config, before Hydra makes a run directory."""
     from clipkit.recipe import check_inputs  # deferred: a bad override fails before torch is imported
+    from clipkit.run_dir import RunDir
 
-    check_inputs(prepare(cfg))
+    prepared = prepare(cfg)
+    RunDir(prepared.paths.run_dir).check_writable()
+    check_inputs(prepared)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -42,12 +45,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    from clipkit.checkpoint import CheckpointWriteError
     from clipkit.preemption import PREEMPTED_EXIT_CODE, Preempted
     from clipkit.trainer import NonFiniteLossError
 
     try:
         train(cfg)
-    except (ClipkitConfigError, NonFiniteLossError) as err:
+    except (ClipkitConfigError, NonFiniteLossError, CheckpointWriteError) as err:
         sys.exit(f"clipkit-train: error: {err}")
     except Preempted as stop:
         print(f"clipkit-train: {stop}", file=sys.stderr, flush=True)

@@ -80,7 +80,8 @@ def stream_settings(data_cfg: DictConfig, *, world_size: int, saved: dict[str, A
         batch_size=int(data_cfg.global_batch_size) // world_size, mode=data_cfg.get("mode", "epoch"),
         streams_per_rank=int(streams), shuffle_buffer=int(data_cfg.shuffle_buffer),
         epoch_samples=data_cfg.get("epoch_samples"), open_retries=int(data_cfg.get("open_retries", 3)),
-        retry_delay_s=float(data_cfg.get("retry_delay_s", 2.0)), jpeg_draft=bool(data_cfg.get("jpeg_draft", True)))
+        retry_delay_s=float(data_cfg.get("retry_delay_s", 2.0)),
+        read_timeout_s=float(data_cfg.get("read_timeout_s", 60.0)), jpeg_draft=bool(data_cfg.get("jpeg_draft", True)))
 
 
 class KeyLog:

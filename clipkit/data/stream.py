@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipkit.data.decode import DECODE_ERRORS, ImageDecoder, Preprocess
-from clipkit.data.tar_reader import RawSample, ShardReader
+from clipkit.data.tar_reader import SOURCE_FAILURES, RawSample, ShardReader
 from clipkit.data.urls import Source
 from clipkit.errors import ClipkitConfigError
 
@@ -39,6 +39,10 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 MODES = ("epoch", "resampled")
 # A stream that decodes nothing for this long is reading the wrong members or broken data.
 MAX_UNDECODABLE_IN_A_ROW = 1000
+# A source is given up (the run stops) when all its shards failed, or this many of them in a
+# row: with retries a lost shard costs seconds, so a dead bucket of 40,000 shards would
+# otherwise keep a run busy for days before every shard had been tried.
+MAX_FAILED_SHARDS_IN_A_ROW = 100
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class StreamSettings:
     epoch_samples: int | None = None     # resampled: virtual epoch length over all ranks
     open_retries: int = 3
     retry_delay_s: float = 2.0
+    read_timeout_s: float = 60.0         # a pipe: command silent this long is killed and retried
     jpeg_draft: bool = True
     image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     text_ext: str = "txt"
@@ -159,26 +164,36 @@ class ShardStream(IterableDataset):
 
     # -- samples ---------------------------------------------------------------------------
 
-    def _read(self, shards: Iterable[tuple[str, int]], reader: ShardReader, dead: set[str]) -> Iterator[RawSample]:
+    def _read(self, shards: Iterable[tuple[str, int]], reader: ShardReader, failed: dict[int, set[str]]
+              ) -> Iterator[RawSample]:
+        """The samples of `shards` in order. `failed[source]` holds the source's shards that failed
+        (lost to a broken source, or without a usable sample) since one of its shards last read well;
+        a source whose every shard, or MAX_FAILED_SHARDS_IN_A_ROW of them, failed stops the run."""
         for url, source in shards:
             produced = 0
             for sample in reader.samples(url, source):
                 produced += 1
                 yield sample
-            if produced:
-                dead.discard(url)
+            lost = failed.setdefault(source, set())
+            if produced and reader.failure not in SOURCE_FAILURES:
+                lost.clear()
                 continue
-            dead.add(url)
-            if len(dead) == len(self.shards):
-                # Without this an all-bad dataset would spin here forever.
-                raise ClipkitConfigError(f"none of the {len(self.shards)} shards has a usable sample "
-                                         f"(skipped so far: {dict(reader.skipped)})")
+            lost.add(url)
+            urls = self.sources[source].urls
+            if len(lost) >= min(len(urls), MAX_FAILED_SHARDS_IN_A_ROW):
+                # Without this a dead source would be retried forever (and an all-bad dataset spin here).
+                what = f"all its {len(urls)} shards" if len(lost) == len(urls) else f"{len(lost)} shards in a row"
+                raise ClipkitConfigError(
+                    f"data source {self.sources[source].name!r} ({urls[0]}, ...) is unusable: {what} failed or had "
+                    f"no usable sample (last: {url}: {reader.failure or 'no usable sample'}; skipped so far: "
+                    f"{dict(reader.skipped)})")
 
-    def epoch_samples(self, stream: int, epoch: int, reader: ShardReader, dead: set[str]) -> Iterator[RawSample]:
+    def epoch_samples(self, stream: int, epoch: int, reader: ShardReader, failed: dict[int, set[str]]
+                      ) -> Iterator[RawSample]:
         """One epoch of one stream, in shuffle-buffer order (no image decoded yet)."""
         shards = self.shards_for(epoch, stream) if self.settings.mode == "epoch" else self.draws(epoch, stream)
         rng = random.Random(f"shuffle/{self.seed}/{epoch}/{self.rank}/{stream}")
-        samples = _shuffled(self._read(shards, reader, dead), self.settings.shuffle_buffer, rng)
+        samples = _shuffled(self._read(shards, reader, failed), self.settings.shuffle_buffer, rng)
         length = self.epoch_length()
         return samples if length is None else islice(samples, length)
 
@@ -190,10 +205,10 @@ class ShardStream(IterableDataset):
         counted while passing them were already counted by the run that consumed them.
         """
         epoch, skip = position.epoch, position.offset
-        dead: set[str] = set()
+        failed: dict[int, set[str]] = {}
         while True:
             offset = 0
-            for offset, sample in enumerate(self.epoch_samples(stream, epoch, reader, dead), start=1):
+            for offset, sample in enumerate(self.epoch_samples(stream, epoch, reader, failed), start=1):
                 if offset > skip:
                     yield epoch, offset, sample
                 elif offset == skip:
@@ -209,7 +224,8 @@ class ShardStream(IterableDataset):
     def _cursor(self, stream: int) -> _Cursor:
         s = self.settings
         reader = ShardReader(Counter(), image_exts=s.image_exts, text_ext=s.text_ext,
-                             open_retries=s.open_retries, retry_delay_s=s.retry_delay_s)
+                             open_retries=s.open_retries, retry_delay_s=s.retry_delay_s,
+                             read_timeout_s=s.read_timeout_s)
         return _Cursor(reader, self.samples_from(stream, self.positions[stream], reader))
 
     def _decode(self, cursor: _Cursor, sample: RawSample) -> torch.Tensor | None:

@@ -5,12 +5,19 @@ sample is the run of consecutive members sharing a key. Every problem is a count
 (`SKIP_REASONS`), never an exception, so one bad shard cannot kill or stall a run:
 
     unopenable shard    could not be opened (retried `open_retries` times first)
-    truncated tar       the archive breaks off: its remaining samples are lost
+    failed source       a `pipe:` command exited non-zero (or a remote stream broke) and kept
+                        doing so over `open_retries` retries: the shard's remaining samples are lost
+    stalled source      a `pipe:` command wrote nothing for `read_timeout_s` seconds, likewise
+    truncated tar       the archive breaks off, also exactly at a member boundary (no
+                        end-of-archive block): its remaining samples are lost
     unsafe member path  a member named `../x` or `/abs`, or a link: the sample is dropped
     missing image       no member with an image extension
     missing caption     no caption member
     caption not utf-8 / empty caption
     undecodable image   counted later, by the decoder (`clipkit.data.decode`)
+
+A retried shard is read again from its start and passes over the samples already handled,
+so it yields exactly what one clean read would have (exact resume depends on it).
 
 Local uncompressed tars are read with seeks: only headers and captions are read here and
 image bytes are fetched when the image is decoded (`ImageRef`). Skipping ahead on resume
@@ -32,12 +39,15 @@ from time import sleep
 
 from webdataset.gopen import gopen
 
+from clipkit.data.pipe import SourceError, open_pipe
 from clipkit.data.urls import is_local
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("unopenable shard", "truncated tar", "unsafe member path", "missing image", "missing caption",
-                "caption not utf-8", "empty caption", "undecodable image")
+SKIP_REASONS = ("unopenable shard", "failed source", "stalled source", "truncated tar", "unsafe member path",
+                "missing image", "missing caption", "caption not utf-8", "empty caption", "undecodable image")
+# The reasons that say a shard's source, not its content, is broken (`ShardReader.failure`).
+SOURCE_FAILURES = ("unopenable shard", "failed source", "stalled source")
 # webdataset's split of a member name into sample key and extension.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -95,21 +105,53 @@ def _unsafe(name: str) -> bool:
     return path.is_absolute() or ".." in path.parts
 
 
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Records on its TarFile the header error that ended the archive (`clipkit_end`).
+
+    tarfile ends its member list quietly at an end-of-archive zero block (`EOFHeaderError`),
+    but also at the end of the file (`EmptyHeaderError`: a tar cut exactly at a member
+    boundary) and at a header cut short or invalid; only the first is a complete archive.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exn:
+            tar.clipkit_end = exn
+            raise
+
+
+class _ShardFailure(Exception):
+    """One failed attempt at a shard: the skip reason, whether another attempt may help, and
+    whether it happened while opening the shard (before its first member)."""
+
+    def __init__(self, reason: str, error: BaseException, *, retry: bool, opening: bool):
+        super().__init__(f"{reason}: {error}")
+        self.reason, self.error, self.retry, self.opening = reason, error, retry, opening
+
+
 class ShardReader:
     """Turns one shard URL into `RawSample`s, counting every skip into `skipped`.
 
     `skipped` is shared with the caller, which attributes the counts to the batch being built
-    and may clear it; each reason is logged once per reader (a dataloader worker owns one).
+    and may clear it; each sample-level reason is logged once per reader (a dataloader worker
+    owns one), each shard-level one (a shard cut short or lost) every time.
+    After `samples(url, ...)` is exhausted, `failure` is the reason the shard ended early,
+    or None when it was read to its end.
     """
 
     def __init__(self, skipped: Counter, *, image_exts: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-                 text_ext: str = "txt", open_retries: int = 3, retry_delay_s: float = 2.0):
+                 text_ext: str = "txt", open_retries: int = 3, retry_delay_s: float = 2.0,
+                 read_timeout_s: float = 60.0):
         self.skipped = skipped
         self.image_exts = tuple(image_exts)
         self.text_ext = text_ext
         self.open_retries = open_retries
         self.retry_delay_s = retry_delay_s
+        self.read_timeout_s = read_timeout_s
         self.warned: set[str] = set()
+        self.failure: str | None = None
 
     def skip(self, reason: str, what: str) -> None:
         """Counts one skip; the first of each reason is logged with the sample it hit."""
@@ -118,51 +160,71 @@ class ShardReader:
             log.warning("skipping %s: %s (further ones are only counted)", what, reason)
         self.skipped[reason] += 1
 
-    def _open(self, url: str) -> tuple[tarfile.TarFile, object, str, int | None] | None:
-        """(tar, underlying file, local path, file size if seekable) or None after the retries are spent."""
-        path = url[len("file://"):] if url.startswith("file://") else url
-        seekable = is_local(path) and path.endswith(".tar")
-        error: Exception | None = None
+    def samples(self, url: str, source: int) -> Iterator[RawSample]:
+        """The shard's usable samples in tar order.
+
+        A shard that cannot be opened, or whose source fails while it is read, is tried again
+        up to `open_retries` times with growing delays; each new attempt passes over the sample
+        groups already handled. Then the shard is skipped with a warning and one count of its
+        reason. A local file's bytes do not change on a retry, so a corrupt one is not retried.
+        """
+        self.failure = None
+        done = 0   # sample groups handed out or counted as skipped, over all attempts
         for attempt in range(1 + self.open_retries):
             if attempt:
                 sleep(self.retry_delay_s * attempt)
-            stream = None
             try:
-                stream = open(path, "rb") if is_local(path) else gopen(url, "rb")
-            except OSError as exn:   # missing file, permissions, a pipe that cannot start: may be transient
-                error = exn
-                continue
-            try:
-                if seekable:
-                    return tarfile.open(fileobj=stream, mode="r:"), stream, path, os.fstat(stream.fileno()).st_size
-                return tarfile.open(fileobj=stream, mode="r|*"), stream, path, None
-            except (tarfile.TarError, OSError, EOFError) as exn:
-                error = exn
-                _close(stream)
-                if is_local(path):
-                    break   # the bytes of a local file will not change on a retry
-        log.warning("skipping shard %s: cannot open it (%s: %s)", url, type(error).__name__, error)
-        self.skipped["unopenable shard"] += 1
-        return None
+                for index, group in enumerate(self._groups(url)):
+                    if index < done:
+                        continue
+                    done += 1
+                    sample = self._finish(group, url, source)
+                    if sample is not None:
+                        yield sample
+                return
+            except _ShardFailure as exn:
+                failure = exn
+            if not failure.retry:
+                break
+        tries = f" ({attempt + 1} tries)" if attempt else ""
+        error = f"{type(failure.error).__name__}: {failure.error}"
+        if failure.opening:
+            log.warning("skipping shard %s: cannot open it (%s)%s", url, error, tries)
+        else:
+            log.warning("skipping the rest of shard %s after %d samples: %s (%s)%s", url, done, failure.reason,
+                        error, tries)
+        self.failure = failure.reason
+        self.skipped[failure.reason] += 1
 
-    def samples(self, url: str, source: int) -> Iterator[RawSample]:
-        """The shard's usable samples in tar order."""
-        opened = self._open(url)
-        if opened is None:
-            return
-        tar, stream, path, size = opened
-        group: dict[str, object] = {}
+    def _open(self, url: str, path: str):
+        """The shard's byte stream: a local file, a `pipe:` command's stdout or a webdataset URL."""
+        if url.startswith("pipe:"):
+            return open_pipe(url, read_timeout_s=self.read_timeout_s)
+        return open(path, "rb") if is_local(path) else gopen(url, "rb")
+
+    def _groups(self, url: str) -> Iterator[dict[str, object]]:
+        """One attempt at the shard: its sample groups `{"key", <ext>: bytes | ImageRef, "unsafe"?}`
+        in tar order. Raises `_ShardFailure`; the partial group being assembled at a failure is
+        not yielded."""
+        path = url[len("file://"):] if url.startswith("file://") else url
+        local = is_local(path)
+        seekable = local and path.endswith(".tar")
+        stream = tar = None
+        opening = True
         try:
+            stream = self._open(url, path)
+            size = os.fstat(stream.fileno()).st_size if seekable else None
+            tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|*", tarinfo=_EndAwareTarInfo)
+            opening = False
+            group: dict[str, object] = {}
             for member in tar:
                 match = _KEY_EXT.match(member.name)
                 if member.isdir() or match is None:
                     continue
                 key, ext = match.group(1), match.group(2).lower()
                 if group and group["key"] != key:
-                    sample = self._finish(group, url, source)
+                    yield group
                     group = {}
-                    if sample is not None:
-                        yield sample
                 if not group:
                     group = {"key": key}
                 if not member.isfile() or _unsafe(member.name):
@@ -175,19 +237,27 @@ class ShardReader:
                 elif ext in self.image_exts:
                     group[ext] = (ImageRef(path, member.offset_data, member.size) if size is not None
                                   else tar.extractfile(member).read())
-            sample = self._finish(group, url, source) if group else None
-            if sample is not None:
-                yield sample
-            if size is not None and size % tarfile.BLOCKSIZE:
-                # tarfile ends quietly at a header cut in half; tars are whole 512-byte blocks.
-                raise tarfile.ReadError(f"{size} bytes is not a whole number of tar blocks")
+            end = getattr(tar, "clipkit_end", None)
+            complete = isinstance(end, tarfile.EOFHeaderError)
+            if group and (complete or (self.text_ext in group and any(ext in group for ext in self.image_exts))):
+                yield group   # at a cut, a last group without its image or caption is lost with the rest
+            if not complete:
+                raise tarfile.ReadError(f"the archive stops without its end-of-archive block ({end})")
+        except SourceError as exn:
+            raise _ShardFailure(exn.reason, exn, retry=True, opening=opening) from None
         except (tarfile.TarError, OSError, EOFError) as exn:
-            # The partial sample being assembled is dropped with the rest of the shard.
-            log.warning("skipping the rest of shard %s: truncated or corrupt (%s)", url, exn)
-            self.skipped["truncated tar"] += 1
+            if opening:
+                # A missing file may appear and a remote one come back; a local file's bytes stay bad.
+                retry = not (local and stream is not None)
+                raise _ShardFailure("unopenable shard", exn, retry=retry, opening=True) from None
+            # A local file's error is in its bytes; a remote stream's may be the network's.
+            reason = "truncated tar" if local or not isinstance(exn, OSError) else "failed source"
+            raise _ShardFailure(reason, exn, retry=reason != "truncated tar", opening=False) from None
         finally:
-            tar.close()
-            _close(stream)
+            if tar is not None:
+                tar.close()
+            if stream is not None:
+                _close(stream)
 
     def _finish(self, group: dict[str, object], url: str, source: int) -> RawSample | None:
         what = f"sample {group['key']} in {url}"
@@ -208,7 +278,7 @@ class ShardReader:
 
 
 def _close(stream) -> None:
-    """Closes a file or webdataset pipe; a pipe's non-zero exit was already seen as a short read."""
+    """Closes a file or stream; a `pipe:` command's exit was already checked at the end of its output."""
     try:
         stream.close()
     except Exception:  # noqa: BLE001 - webdataset's Pipe raises a bare IOError on a failed command

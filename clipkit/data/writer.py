@@ -90,8 +90,9 @@ def _fetch(image: str, timeout: float) -> bytes:
         raise RowFailure("download failed", f"{image}: {exn}") from None
 
 
-def _image_member(data: bytes, max_side: int | None) -> tuple[str, bytes, tuple[int, int], tuple[int, int]]:
-    """(extension, bytes, original size, stored size) of a fully decoded image; re-encoded only to shrink it."""
+def _image_member(data: bytes, max_side: int | None, image: str) -> tuple[str, bytes, tuple[int, int], tuple[int, int]]:
+    """(extension, bytes, original size, stored size) of a fully decoded image; re-encoded only to shrink it.
+    `image` is the row's path or URL, for the failure message."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -103,7 +104,7 @@ def _image_member(data: bytes, max_side: int | None) -> tuple[str, bytes, tuple[
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             resized = image.resize(size, PIL.Image.BICUBIC) if size != image.size else image.copy()
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exn:
-        raise RowFailure("undecodable image", str(exn)) from None
+        raise RowFailure("undecodable image", f"{image}: {exn}") from None
     if ext is None:   # GIF, BMP, TIFF, ...: stored as PNG so every reader can decode it
         fmt, ext = "PNG", "png"
     if fmt == "JPEG" and resized.mode not in ("RGB", "L"):
@@ -120,7 +121,7 @@ def row_sample(row: Row, *, max_side: int | None = None, timeout: float = 10.0) 
     caption = row.caption.strip()
     if not caption:
         raise RowFailure("empty caption", row.image)
-    ext, data, original, stored = _image_member(_fetch(row.image, timeout), max_side)
+    ext, data, original, stored = _image_member(_fetch(row.image, timeout), max_side, row.image)
     meta = {"key": row.key, "url": row.image, "caption": caption, "width": stored[0], "height": stored[1],
             "original_width": original[0], "original_height": original[1], **row.extra}
     sample = {"__key__": row.key, ext: data, "txt": caption, "json": json.dumps(meta, default=str)}

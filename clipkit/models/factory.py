@@ -43,10 +43,16 @@ class ModelBundle:
 
 
 def _register_inline_config(name: str, config: dict[str, Any]) -> None:
-    """Makes `name` a known open_clip architecture (open_clip reads configs from files)."""
-    cfg_dir = Path(tempfile.mkdtemp(prefix="clipkit_model_cfg_"))
-    (cfg_dir / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(cfg_dir)
+    """Makes `name` a known open_clip architecture.
+
+    open_clip's public registry reads configs from files: the file is written to a temporary
+    directory only while `add_model_config` reads it into open_clip's in-memory registry, so
+    no process leaves a directory behind. The directory stays in open_clip's search path,
+    where its later rescans skip it as missing.
+    """
+    with tempfile.TemporaryDirectory(prefix="clipkit_model_cfg_") as cfg_dir:
+        (Path(cfg_dir) / f"{name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(cfg_dir)
 
 
 def open_clip_config(name: str) -> dict[str, Any]:
@@ -57,6 +63,16 @@ def open_clip_config(name: str) -> dict[str, Any]:
             f"model.name={name!r} is not an open_clip architecture; pick one of "
             f"open_clip.list_models() or give an inline model.config")
     return cfg
+
+
+def open_clip_state_shapes(model_cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: shape} of the complete open_clip model (logit_scale included) that
+    `model_cfg` describes, built on the meta device: no memory, no weights."""
+    name = "clipkit-shape-check"
+    _register_inline_config(name, model_cfg)
+    with _without_random_init_warning():
+        model = open_clip.create_model(name, device="meta")
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Preemption through the real stack: SIGUSR1 to one rank of a 2-rank torchrun job (with data
 workers) makes both ranks checkpoint at the same step and stop with exit code 75; resuming
 from that checkpoint finishes the run without repeating or skipping a step. (That a resumed
-stream continues with exactly an uninterrupted run's samples is tests/e2e/test_data_resume.py.)"""
+stream continues with exactly an uninterrupted run's samples is tests/e2e/test_data_resume.py.)
+A signal that arrives after the last step changes nothing: the run finishes and exits 0."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,3 +73,30 @@ def test_signal_on_one_rank_checkpoints_every_rank_and_resumes(digits_root):
     seen = [k for rank in range(2) for _, ks in resumed[rank] for k in ks]
     assert 16 * final < 1437 and len(seen) == len(set(seen))  # within one epoch of the digits: no sample twice
     assert logged_steps(run_dir)[-1] == final
+
+
+def test_a_signal_after_the_last_step_neither_kills_nor_stops_the_finishing_run(digits_root):
+    """SIGUSR1 while the run finishes (final eval, export): a SLURM job signalled this late must
+    end as completed, not be killed by the signal's default action or requeued."""
+    run_dir = digits_root / "outputs" / "late_signal"
+    args = [sys.executable, "-m", "clipkit.train", "debug=fast", "trainer.max_steps=3", "run_name=late_signal"]
+    env = {**os.environ, "CLIPKIT_ROOT": str(digits_root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=digits_root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    try:
+        deadline = time.monotonic() + 300
+        while not latest.exists():   # the last step's checkpoint: training is over, the final eval is next
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.3)   # past the trainer's return into the final eval
+        os.kill(proc.pid, signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = output.decode()
+    assert proc.returncode == 0, output[-4000:]
+    assert not any(r.get("preempted") for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
+    assert (run_dir / "export" / "open_clip_model.safetensors").exists()   # finish() ran to its end

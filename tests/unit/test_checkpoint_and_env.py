@@ -1,11 +1,13 @@
-"""Resume resolution, the open_clip key mapping, and rank discovery from torchrun/SLURM env."""
+"""Resume resolution, safe checkpoint reads, the model check, the open_clip key mapping, and rank
+discovery from torchrun/SLURM env."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from clipkit.checkpoint import Checkpointer, atomic_write_text, to_open_clip_state_dict
+from clipkit.checkpoint import (Checkpointer, atomic_write_text, check_same_model, load_file, read_tag,
+                                to_open_clip_state_dict)
 from clipkit.distributed import DistInfo, env_dist_info
 from clipkit.errors import ClipkitConfigError
 
@@ -24,6 +26,41 @@ def test_resume_resolution(tmp_path):
         ckpt.resolve_resume(None)
     with pytest.raises(ClipkitConfigError, match="no checkpoint"):
         ckpt.resolve_resume("step_00000099")
+
+
+class _Payload:
+    """Pickles as a call to os.system: what an unsafe torch.load would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_files_are_loaded_safely(tmp_path):
+    marker = tmp_path / "payload_ran"
+    torch.save({"module": {"w": torch.ones(2)}, "evil": _Payload(marker)}, tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(ClipkitConfigError, match=r"holds objects a safe load refuses \(.*GLOBAL posix.system"):
+        read_tag(tmp_path)
+    assert not marker.exists()
+    torch.save({"module": {"w": torch.ones(2)}}, tmp_path / "mp_rank_00_model_states.pt")
+    assert torch.equal(load_file(tmp_path / "mp_rank_00_model_states.pt")["module"]["w"], torch.ones(2))
+    (tmp_path / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ClipkitConfigError, match="is incomplete: it has no mp_rank_00_model_states.pt"):
+        read_tag(tmp_path)
+
+
+def test_a_different_model_is_listed_by_key_and_shape():
+    expected = {"a": (2, 3), "b": (4,), "c": (1,)}
+    check_same_model(dict(expected), expected, "checkpoint x", "fix it")
+    with pytest.raises(ClipkitConfigError) as err:
+        check_same_model({"a": (2, 5), "b": (4,), "d": (7,)}, expected, "checkpoint x", "fix it")
+    assert str(err.value) == ("checkpoint x was written for a different model: 1 shapes differ (checkpoint vs model): "
+                              "a [2, 5] vs [2, 3]; 1 model keys are not in the checkpoint: c; 1 checkpoint keys are "
+                              "not in the model: d; fix it")
 
 
 def test_open_clip_key_mapping():

@@ -155,7 +155,7 @@ def test_all_unusable_shards_fail_instead_of_spinning(tmp_path):
     for name in ("a.tar", "b.tar"):
         (tmp_path / name).write_bytes(b"not a tar" * 100)
     stream = make_stream([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")])
-    with pytest.raises(ClipkitConfigError, match="none of the 2 shards has a usable sample.*unopenable shard"):
+    with pytest.raises(ClipkitConfigError, match="data source 's' .* all its 2 shards failed.*unopenable shard"):
         next(iter(stream))
 
 
@@ -179,3 +179,22 @@ def test_open_clip_transforms_on_grayscale_png(tmp_path, monkeypatch):
                          tokenize=open_clip.get_tokenizer("ViT-B-32", context_length=16), rank=0, world_size=1, seed=0)
     images, tokens, _ = next(iter(stream))
     assert images.shape == (2, 3, 32, 32) and tokens.shape == (2, 16) and tokens.dtype == torch.int64
+
+
+@pytest.mark.parametrize("bad_shards, limit, what", [(3, 100, "all its 3 shards"), (3, 2, "2 shards in a row")])
+def test_a_source_whose_shards_all_fail_stops_the_stream_naming_it(tmp_path, monkeypatch, bad_shards, limit, what):
+    monkeypatch.setattr("clipkit.data.stream.MAX_FAILED_SHARDS_IN_A_ROW", limit)
+    good = Source("good", tuple(make_shards(tmp_path, n=2)))
+    bad = Source("bad", tuple(f"pipe:sh -c 'echo access denied >&2; exit {i + 1}'" for i in range(bad_shards)))
+    stream = make_stream([good, bad], open_retries=0)
+    with pytest.raises(ClipkitConfigError, match=f"data source 'bad' \\(pipe:.*\\) is unusable: {what} failed") as err:
+        list(itertools.islice(iter(stream), 100))
+    assert "failed source" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_source_with_some_failing_shards_goes_on_and_counts_them(tmp_path):
+    urls = make_shards(tmp_path, n=3)
+    source = Source("s", (urls[0], f"pipe:sh -c 'exit 4' {urls[1]}", f"pipe:cat {urls[2]}"))
+    batches = list(itertools.islice(iter(make_stream([source], open_retries=0)), 2 * 2 * SAMPLES_PER_SHARD))
+    assert sum(m["skipped"].get("failed source", 0) for _, _, m in batches) == 2   # once per epoch
+    assert {tuple(t[0].tolist()) for _, t, _ in batches} == {(s, i) for s in (0, 2) for i in range(SAMPLES_PER_SHARD)}

@@ -1,8 +1,10 @@
-"""Bad data on real tars: every kind is skipped and counted, none raises."""
+"""Bad data on real tars and dead `pipe:` sources (real subprocesses): every kind is skipped and counted, none raises."""
 
 import io
 import logging
+import os
 import tarfile
+import time
 from collections import Counter
 
 import numpy as np
@@ -83,10 +85,12 @@ def test_unopenable_shards_are_retried_then_skipped_with_a_warning(tmp_path, cap
     monkeypatch.setattr("clipkit.data.tar_reader.sleep", sleeps.append)
     (tmp_path / "garbage.tar").write_bytes(b"this is not a tar archive" * 50)
     with caplog.at_level(logging.WARNING, logger="clipkit.data.tar_reader"):
-        for url in (str(tmp_path / "gone.tar"), "pipe:exit 3", str(tmp_path / "garbage.tar")):
+        for url, reason in ((str(tmp_path / "gone.tar"), "unopenable shard"), ("pipe:exit 3", "failed source"),
+                            (str(tmp_path / "garbage.tar"), "unopenable shard")):
             keys, skipped = read(url, open_retries=2, retry_delay_s=0.5)
-            assert keys == [] and skipped == {"unopenable shard": 1}
+            assert keys == [] and skipped == {reason: 1}
             assert any(url in r.getMessage() and "cannot open" in r.getMessage() for r in caplog.records)
+    assert any("`exit 3` exited with status 3" in r.getMessage() for r in caplog.records)
     # Missing file and failing pipe: 2 retries each, backing off; a corrupt local file is not retried.
     assert sleeps == [0.5, 1.0, 0.5, 1.0]
 
@@ -116,3 +120,68 @@ def test_local_tars_defer_image_bytes_pipes_carry_them(tmp_path):
 def test_file_urls_read_like_paths(tmp_path, scheme):
     url = write_tar(tmp_path / "x.tar", good("a"))
     assert read(scheme + url) == (["a"], Counter())
+
+
+def _shard(tmp_path, members=()):
+    """A real tar of samples k0..k5 (each member 1 KiB with its header), after `members`."""
+    return write_tar(tmp_path / "shard.tar", [*members, *(m for i in range(6) for m in good(f"k{i}", i))])
+
+
+def test_a_pipe_that_fails_mid_shard_is_retried_then_skipped_with_its_exit_and_stderr(tmp_path, caplog, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr("clipkit.data.tar_reader.sleep", sleeps.append)
+    url = f"pipe:sh -c 'head -c 5000 {_shard(tmp_path)}; echo connection reset by peer >&2; exit 3'"
+    with caplog.at_level(logging.WARNING, logger="clipkit.data.tar_reader"):
+        keys, skipped = read(url, open_retries=2, retry_delay_s=0.5)
+    # 5,000 bytes hold k0 and k1 whole and k2 in part; the retries hand out nothing twice.
+    assert keys == ["k0", "k1"] and skipped == {"failed source": 1}
+    assert sleeps == [0.5, 1.0]
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert url in warning and "after 2 samples" in warning and "(3 tries)" in warning
+    assert "exited with status 3; stderr: connection reset by peer" in warning
+
+
+def test_a_pipe_that_fails_once_is_read_whole_on_the_retry_without_repeats(tmp_path):
+    shard = _shard(tmp_path, [("nocap.png", _png())])
+    flag = tmp_path / "failed_once"
+    url = (f"pipe:sh -c 'if [ -e {flag} ]; then cat {shard}; "
+           f"else touch {flag}; head -c 5000 {shard}; exit 3; fi'")
+    keys, skipped = read(url, open_retries=1)
+    # The first attempt got past `nocap` and k0; the retry passes over both, so neither the
+    # sample nor the skip is counted twice.
+    assert keys == [f"k{i}" for i in range(6)] and skipped == {"missing caption": 1}
+
+
+def test_a_stalled_pipe_is_killed_retried_then_skipped(tmp_path, caplog):
+    pids = tmp_path / "pids"
+    url = f"pipe:sh -c 'echo $$ >> {pids}; head -c 5000 {_shard(tmp_path)}; sleep 30'"
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="clipkit.data.tar_reader"):
+        keys, skipped = read(url, open_retries=1, read_timeout_s=1.0)
+    assert time.monotonic() - start < 10   # two tries of 1 s, not 2 x 30 s
+    assert keys == ["k0", "k1"] and skipped == {"stalled source": 1}
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert url in warning and "wrote nothing for 1 s (data.read_timeout_s) and was killed" in warning
+    for pgid in map(int, pids.read_text().split()):   # sh and its sleep are gone, both tries
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+
+
+def test_a_tar_cut_at_a_member_boundary_is_counted_as_truncated(tmp_path):
+    full = write_tar(tmp_path / "full.tar", [m for k in "abcd" for m in good(k)])
+    data = open(full, "rb").read()
+    with tarfile.open(full) as tar:
+        between_samples, inside_sample = tar.getmember("c.png").offset, tar.getmember("c.txt").offset
+        last = tar.getmember("d.txt")
+    # Cut before c, or between c's image and its caption: c is lost either way, counted once.
+    for cut in (between_samples, inside_sample):
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        local = read(str(tmp_path / "cut.tar"))
+        piped = read(f"pipe:cat {tmp_path / 'cut.tar'}")
+        assert local == piped == (["a", "b"], Counter({"truncated tar": 1}))
+    # One end-of-archive zero block is a complete archive: nothing is lost.
+    end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    (tmp_path / "ended.tar").write_bytes(data[:end + tarfile.BLOCKSIZE])
+    assert read(str(tmp_path / "ended.tar")) == read(f"pipe:cat {tmp_path / 'ended.tar'}") == (list("abcd"), Counter())
+    (tmp_path / "no_end.tar").write_bytes(data[:end])
+    assert read(str(tmp_path / "no_end.tar")) == (list("abcd"), Counter({"truncated tar": 1}))

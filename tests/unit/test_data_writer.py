@@ -3,6 +3,7 @@ import hashlib
 import http.server
 import io
 import json
+import logging
 import subprocess
 import sys
 import tarfile
@@ -91,6 +92,19 @@ def test_folder_source_with_labels_resize_and_failures(tmp_path):
     assert PIL.Image.open(io.BytesIO(second["000000003.jpg"])).size == (10, 5)
     meta = json.loads(second["000000003.json"])
     assert meta["path"] == "sub/b.jpg" and (meta["original_width"], meta["width"]) == (40, 10)
+
+
+def test_a_failed_row_is_reported_with_its_file(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    (src / "broken.txt").write_text("never written")
+    _image(src / "nocaption.png")
+    with caplog.at_level(logging.WARNING, logger="clipkit.data.writer"), pytest.raises(ClipkitConfigError):
+        write_rows(rows_from_folder(src), tmp_path / "out", shard_size=1)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("undecodable image: " + str(src / "broken.jpg") in w for w in warnings), warnings
+    assert any("missing caption: " + str(src / "nocaption.png") in w for w in warnings), warnings
 
 
 def test_csv_source_resolves_relative_paths(tmp_path):
