@@ -35,7 +35,9 @@ slurm-packages:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) || \
 	  echo "could not install slurm-wlm and munge: the SLURM launch tests will be skipped"
 
+# Lint (ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade; pyproject.toml) fails the run first.
 test: setup slurm-packages
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 test-slow: setup

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import json
 import os
 import platform
@@ -216,7 +215,7 @@ def profile(name: str, urls: list[str], samples: int) -> dict:
     profiler.disable()
     stats = pstats.Stats(profiler)
     totals = {category: 0.0 for category, _ in CATEGORIES} | {"other": 0.0}
-    for (filename, line, function), (_, _, tottime, _, _) in stats.stats.items():
+    for (filename, _line, function), (_, _, tottime, _, _) in stats.stats.items():
         label = f"{Path(filename).name}:{function}" if filename != "~" else function
         category = next((c for c, keys in CATEGORIES if any(k in label for k in keys)), "other")
         totals[category] += tottime

@@ -98,8 +98,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    from clipkit.eval.search import build_index, factory_string, recall_vs_exact, set_search_params, \
-        topk_inner_product
+    from clipkit.eval.search import build_index, factory_string, recall_vs_exact, set_search_params, topk_inner_product
 
     before = peak_rss_gib()  # interpreter + torch + faiss, before any data
     gallery = unit_rows(args.gallery, args.dim, seed=0)

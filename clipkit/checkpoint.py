@@ -292,8 +292,9 @@ def export_open_clip(run_dir: str | Path, out_dir: str | Path | None = None, tag
     if "logit_bias" in state:
         # open_clip only creates `logit_bias` when the config asks for it (SigLIP models).
         config["model_cfg"]["init_logit_bias"] = float(state["logit_bias"])
+    written_with = tag_config if tag_config.is_file() else run.open_clip_config
     check_same_model({k: tuple(v.shape) for k, v in state.items()}, open_clip_state_shapes(config["model_cfg"]),
-                     f"checkpoint {ckpt.dir / tag}", f"its model config is {tag_config if tag_config.is_file() else run.open_clip_config}")
+                     f"checkpoint {ckpt.dir / tag}", f"its model config is {written_with}")
     out_dir = Path(out_dir) if out_dir else run.export
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / EXPORT_WEIGHTS

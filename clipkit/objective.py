@@ -18,8 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.errors import ClipkitConfigError
-from clipkit.models.outputs import (encode_image_parts, image_token_features, is_coca, is_vision_transformer,
-                                    text_token_features)
+from clipkit.models.outputs import (
+    encode_image_parts,
+    image_token_features,
+    is_coca,
+    is_vision_transformer,
+    text_token_features,
+)
 
 _TOKEN_MODEL = "a ViT CLIP without an attentional pooler (model=tiny_vit)"
 _COCA_MODEL = "a CoCa model (model=tiny_coca)"

@@ -42,8 +42,7 @@ from clipkit.loggers import MetricLoggers, build_loggers
 from clipkit.models import ModelBundle, build_model, build_teacher_model, compile_towers, lock_towers, open_clip_config
 from clipkit.objective import ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
-from clipkit.preemption import (Preempted, PreemptionWatch, ignore_preemption_signals, parse_signals,
-                                requeue_slurm_job)
+from clipkit.preemption import Preempted, PreemptionWatch, ignore_preemption_signals, parse_signals, requeue_slurm_job
 from clipkit.run_dir import RunDir, atomic_write_text
 from clipkit.schema import LockImageConfig, LockTextConfig, TeacherConfig, load_section
 from clipkit.trainer import NONFINITE_POLICIES, Trainer, TrainerSettings

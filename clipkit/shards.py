@@ -17,8 +17,15 @@ import sys
 from collections.abc import Sequence
 
 from clipkit.data.digits import write_digits_shards
-from clipkit.data.writer import (SHARD_NAMING, naming_for_split, read_eval_metadata, rows_from_folder,
-                                 rows_from_table, write_eval_metadata, write_rows)
+from clipkit.data.writer import (
+    SHARD_NAMING,
+    naming_for_split,
+    read_eval_metadata,
+    rows_from_folder,
+    rows_from_table,
+    write_eval_metadata,
+    write_rows,
+)
 from clipkit.errors import ClipkitConfigError
 
 

@@ -1,12 +1,22 @@
 """Zero-shot classification and retrieval evaluation with CLIP_benchmark's metrics."""
 
 from clipkit.eval.embed import EmbeddedSet, embed_eval_set, gather_embedded_set
-from clipkit.eval.metrics import (TIE_ATOL, classification_metrics, positive_ranks, retrieval_metrics,
-                                  retrieval_metrics_exact)
-from clipkit.eval.runner import (TASKS, SearchConfig, evaluate_embedded, format_results_table, write_benchmark_json,
-                                 write_summary)
-from clipkit.eval.search import (APPROX_INDEXES, build_index, gpu_faiss_available, recall_vs_exact,
-                                 topk_inner_product)
+from clipkit.eval.metrics import (
+                                  TIE_ATOL,
+                                  classification_metrics,
+                                  positive_ranks,
+                                  retrieval_metrics,
+                                  retrieval_metrics_exact,
+)
+from clipkit.eval.runner import (
+                                  TASKS,
+                                  SearchConfig,
+                                  evaluate_embedded,
+                                  format_results_table,
+                                  write_benchmark_json,
+                                  write_summary,
+)
+from clipkit.eval.search import APPROX_INDEXES, build_index, gpu_faiss_available, recall_vs_exact, topk_inner_product
 from clipkit.eval.zeroshot import zeroshot_classifier
 
 __all__ = [

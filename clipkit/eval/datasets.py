@@ -74,7 +74,7 @@ def folder_classes(root: str) -> tuple[list[str], list[str]]:
         raise ClipkitConfigError(f"eval folder not found: {root}")
     dirs = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
     names_file = Path(root) / CLASSNAMES_FILE
-    names = [l.strip() for l in names_file.read_text(encoding="utf-8").splitlines() if l.strip()] \
+    names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
         if names_file.exists() else list(dirs)
     if len(names) != len(dirs):
         raise ClipkitConfigError(f"{names_file}: {len(names)} names for {len(dirs)} class directories")
@@ -85,7 +85,7 @@ def folder_templates(root: str) -> list[str] | None:
     path = Path(root) / TEMPLATES_FILE
     if not path.exists():
         return None
-    return [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] or None
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] or None
 
 
 def read_folder_items(root: str) -> list[tuple[str, list[str], int]]:

@@ -103,7 +103,8 @@ def embed_eval_set(
                 owners += [n_seen + i for i, caps in enumerate(batch.captions) for _ in caps]
             n_seen += len(img)
     if not images:
-        return EmbeddedSet(torch.empty(0, 0), torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+        no_rows = torch.empty(0, dtype=torch.long)
+        return EmbeddedSet(torch.empty(0, 0), torch.empty(0, 0), no_rows, no_rows.clone())
     image_emb = torch.cat(images)
     text_emb = torch.cat(texts) if texts else image_emb.new_empty(0, image_emb.shape[1])
     index = torch.tensor(owners, dtype=torch.long, device=image_emb.device)

@@ -15,10 +15,21 @@ import torch
 
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval.embed import EmbeddedSet
-from clipkit.eval.metrics import (TIE_ATOL, classification_metrics, positive_ranks, retrieval_metrics,
-                                  retrieval_metrics_exact)
-from clipkit.eval.search import (APPROX_INDEXES, approximate_topk, build_index, recall_vs_exact, set_search_params,
-                                 topk_inner_product)
+from clipkit.eval.metrics import (
+    TIE_ATOL,
+    classification_metrics,
+    positive_ranks,
+    retrieval_metrics,
+    retrieval_metrics_exact,
+)
+from clipkit.eval.search import (
+    APPROX_INDEXES,
+    approximate_topk,
+    build_index,
+    recall_vs_exact,
+    set_search_params,
+    topk_inner_product,
+)
 
 TASKS = ("zeroshot_classification", "retrieval")
 RECALL_K = (1, 5, 10)

@@ -8,12 +8,12 @@ the same metrics a 1-process eval would. Rank 0 writes one CLIP_benchmark JSON p
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -23,11 +23,10 @@ from clipkit.data.eval_reader import clip_benchmark_set
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval import datasets
 from clipkit.eval.cache import cache_path, load_embedded, save_embedded
-from clipkit.eval.embed import EmbeddedSet, TokenEmbeddings, embed_eval_set, gather_embedded_set
-from clipkit.eval.runner import (TASKS, SearchConfig, evaluate_embedded, format_results_table,
-                                 write_benchmark_json)
 from clipkit.eval.captioning import evaluate_captioning
+from clipkit.eval.embed import EmbeddedSet, TokenEmbeddings, embed_eval_set, gather_embedded_set
 from clipkit.eval.late_interaction import late_interaction_metrics
+from clipkit.eval.runner import TASKS, SearchConfig, evaluate_embedded, format_results_table, write_benchmark_json
 from clipkit.eval.scoring import LateInteraction, PooledCosine, Scorer
 from clipkit.eval.zeroshot import zeroshot_classifier
 from clipkit.schema import EvalSetConfig, load_section

@@ -199,7 +199,7 @@ def _scales(scale: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.cat([s, s * LOG2E])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

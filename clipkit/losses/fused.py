@@ -39,8 +39,13 @@ from torch.autograd.function import once_differentiable
 from clipkit import distributed
 from clipkit.errors import ClipkitConfigError
 from clipkit.kernels import filip_similarity as tiled_filip_similarity
-from clipkit.losses.functional import (clip_loss_block, contrastive_ce_block, distill_kl_block, filip_similarity,
-                                       siglip_loss_block)
+from clipkit.losses.functional import (
+    clip_loss_block,
+    contrastive_ce_block,
+    distill_kl_block,
+    filip_similarity,
+    siglip_loss_block,
+)
 
 IMPLS = ("auto", "chunked", "triton", "naive")
 KERNEL_MODULES = {

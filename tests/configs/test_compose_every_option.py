@@ -14,8 +14,8 @@ from clipkit.data import build_sources
 from clipkit.engine import build_optimizer, build_schedule, render_deepspeed_config
 from clipkit.eval.suite import build_eval_specs, build_search_config
 from clipkit.loggers import build_loggers
-from clipkit.run_dir import RunDir
 from clipkit.recipe import build_loss, build_objective, build_towers
+from clipkit.run_dir import RunDir
 
 GROUPS = ["model", "loss", "data", "optim", "sched", "trainer", "eval", "logger", "launcher", "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import REPO, run_cli, torchrun
+from conftest import run_cli, torchrun
 
 WORKER = str(Path(__file__).with_name("accumulation_worker.py"))
 TRAIN = [sys.executable, "-m", "clipkit.train"]

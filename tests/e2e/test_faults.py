@@ -17,7 +17,6 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-
 from conftest import run_cli
 
 TRAIN = [sys.executable, "-m", "clipkit.train"]

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli, torchrun
 
 WORKER = str(Path(__file__).with_name("nonfinite_worker.py"))

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 from slurm_cluster import SlurmCluster, missing_requirements
 from test_data_resume import key_log

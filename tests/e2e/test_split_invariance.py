@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli, torchrun
 
 WORKER = str(Path(__file__).with_name("split_worker.py"))

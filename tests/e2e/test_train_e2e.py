@@ -10,7 +10,6 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-
 from conftest import run_cli, torchrun
 
 TRAIN = [sys.executable, "-m", "clipkit.train"]
@@ -36,7 +35,7 @@ def test_run_directory_holds_every_artifact(fast_run):
     records = metrics(fast_run)
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
-    assert all(0 < l < 20 for l in losses)
+    assert all(0 < loss < 20 for loss in losses)
     evals = [r for r in records if "digits/acc1" in r]
     assert [r["step"] for r in evals] == [3, 6]
     result = json.loads((fast_run / "eval" / "digits_zeroshot_classification.json").read_text())
@@ -160,7 +159,7 @@ def test_bad_input_is_one_line_before_any_worker(digits_root, override, expected
     proc = run_cli([*CONSOLE_TRAIN, "debug=fast", "run_name=refused", *override.split(" ")], digits_root, check=False)
     assert proc.returncode != 0
     assert not (digits_root / "outputs" / "refused").exists(), "a refused run left a run directory"
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[-1]] and lines[-1].startswith("clipkit-train: error: ") and expected in lines[-1]
     assert "DeepSpeed" not in proc.stdout + proc.stderr   # failed before the process group existed
 

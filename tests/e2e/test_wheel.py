@@ -69,8 +69,8 @@ def test_an_installed_wheel_trains_from_an_empty_directory(wheel, tmp_path):
 
     work = tmp_path / "empty"
     work.mkdir()
-    where = _run([str(python), "-c", "import clipkit, clipkit.config as c; print(clipkit.__version__, clipkit.__file__, c.CONF_DIR)"],
-                 work, env).stdout.split()
+    probe = "import clipkit, clipkit.config as c; print(clipkit.__version__, clipkit.__file__, c.CONF_DIR)"
+    where = _run([str(python), "-c", probe], work, env).stdout.split()
     assert where[1].startswith(str(venv_site)) and where[2] == str(venv_site / "clipkit" / "conf"), where
     bin_dir = venv / "bin"
     _run([str(bin_dir / "clipkit-shards"), "digits", "data/digits"], work, env)

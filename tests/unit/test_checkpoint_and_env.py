@@ -6,8 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipkit.checkpoint import (Checkpointer, atomic_write_text, check_same_model, load_file, read_tag,
-                                to_open_clip_state_dict)
+from clipkit.checkpoint import (
+    Checkpointer,
+    atomic_write_text,
+    check_same_model,
+    load_file,
+    read_tag,
+    to_open_clip_state_dict,
+)
 from clipkit.distributed import DistInfo, env_dist_info
 from clipkit.errors import ClipkitConfigError
 

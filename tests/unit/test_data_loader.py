@@ -6,7 +6,6 @@ import multiprocessing
 
 import pytest
 import torch
-import webdataset as wds
 from omegaconf import OmegaConf
 from test_data_stream import _png, make_shards, preprocess, tokenize
 from test_data_tar_reader import write_tar

@@ -86,7 +86,7 @@ def test_every_sample_once_per_epoch_and_epochs_differ(tmp_path):
     assert [(m["epoch"], m["offset"]) for _, _, m in batches[per_epoch - 1:per_epoch + 1]] == [(0, per_epoch), (1, 1)]
     images, tokens, meta = batches[0]
     assert images.shape == (1, 3, 6, 6) and images.dtype == torch.float32 and tokens.dtype == torch.int64
-    assert meta["index"] == 0 and meta["keys"][0].endswith(".tar#%d_%d" % tuple(tokens[0].tolist()))
+    assert meta["index"] == 0 and meta["keys"][0].endswith(".tar#{}_{}".format(*tokens[0].tolist()))
 
 
 def test_same_seed_same_stream(tmp_path):

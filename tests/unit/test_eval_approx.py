@@ -8,8 +8,14 @@ from omegaconf import OmegaConf
 
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval import EmbeddedSet, SearchConfig, evaluate_embedded
-from clipkit.eval.search import (approximate_topk, build_index, factory_string, recall_vs_exact, set_search_params,
-                                 topk_inner_product)
+from clipkit.eval.search import (
+    approximate_topk,
+    build_index,
+    factory_string,
+    recall_vs_exact,
+    set_search_params,
+    topk_inner_product,
+)
 from clipkit.eval.suite import build_search_config
 
 

@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from clipkit.eval.metrics import (TIE_ATOL, positive_ranks, rank_metrics, ranks_from_topk, retrieval_metrics,
-                                  retrieval_metrics_exact)
+from clipkit.eval.metrics import (
+    TIE_ATOL,
+    positive_ranks,
+    rank_metrics,
+    ranks_from_topk,
+    retrieval_metrics,
+    retrieval_metrics_exact,
+)
 from clipkit.eval.search import topk_inner_product
 
 

@@ -8,7 +8,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,8 +15,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipkit.errors import ClipkitConfigError
-from clipkit.eval import (EmbeddedSet, embed_eval_set, evaluate_embedded, format_results_table,
-                          gather_embedded_set, write_benchmark_json, zeroshot_classifier)
+from clipkit.eval import (
+    EmbeddedSet,
+    embed_eval_set,
+    evaluate_embedded,
+    format_results_table,
+    gather_embedded_set,
+    write_benchmark_json,
+    zeroshot_classifier,
+)
 
 
 @dataclass
@@ -203,9 +209,10 @@ def test_result_folders_keep_models_apart() -> None:
 def test_eval_tie_tolerance_decides_a_near_tie():
     """A wrong class scoring 5e-7 below the true one: ahead of it within the default 1e-6
     tolerance (a miss), behind it at `eval.tie_tolerance=0` (a hit, as CLIP_benchmark counts)."""
+    from omegaconf import OmegaConf
+
     from clipkit.eval.runner import SearchConfig
     from clipkit.eval.suite import build_search_config
-    from omegaconf import OmegaConf
 
     angle = math.acos(1 - 5e-7)
     image = torch.tensor([[1.0, 0.0]], dtype=torch.float64)

@@ -18,9 +18,21 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from clipkit.config import CONF_DIR
-from clipkit.from_open_clip import (AVAILABLE, HANDLED, NO_EQUIVALENT, NOTHING_TO_SET, OPEN_CLIP_FLAGS,
-                                    OpenClipArgsError, format_command, hydra_value, open_clip_defaults,
-                                    parse_open_clip_args, shell_word, steps_per_epoch, translate)
+from clipkit.from_open_clip import (
+    AVAILABLE,
+    HANDLED,
+    NO_EQUIVALENT,
+    NOTHING_TO_SET,
+    OPEN_CLIP_FLAGS,
+    OpenClipArgsError,
+    format_command,
+    hydra_value,
+    open_clip_defaults,
+    parse_open_clip_args,
+    shell_word,
+    steps_per_epoch,
+    translate,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
 from clipkit import kernels
 from clipkit.losses import ClipLoss, SigLipLoss
-from clipkit.losses.functional import clip_loss, clip_loss_block, siglip_loss
+from clipkit.losses.functional import clip_loss, siglip_loss
 from clipkit.losses.fused import fused_clip_loss, fused_siglip_loss
 
 F64 = torch.float64

@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from clipkit.losses import ClipLoss, CocaLoss, DistillLoss, FilipLoss, SigLipLoss
-from conftest import free_port
 
 GLOBAL_B, DIM = 12, 10
 LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss, "filip": FilipLoss, "distill": DistillLoss, "coca": CocaLoss}
@@ -97,6 +97,6 @@ def test_rank_split_matches_single_process(world, tmp_path):
             # Each rank's feature grads carry the factor W that the parameter mean divides out.
             for got, want in zip(input_grads, ref_input_grads, strict=True):
                 torch.testing.assert_close(got / world, want[rank * b:(rank + 1) * b], rtol=1e-5, atol=1e-7,
-                                           msg=lambda m: f"{where}: {m}")
+                                           msg=lambda m, where=where: f"{where}: {m}")
             for got, want in zip(param_grads, ref_param_grads, strict=True):  # temperature (and bias)
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{where}: {m}")
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m, where=where: f"{where}: {m}")

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from clipkit.config import CONF_DIR
-from clipkit.engine import initialize_engine, build_optimizer, render_deepspeed_config
+from clipkit.engine import build_optimizer, initialize_engine, render_deepspeed_config
 from clipkit.errors import ClipkitConfigError
 from clipkit.losses import ClipLoss, FilipLoss
 from clipkit.losses.functional import caption_loss
@@ -105,7 +105,6 @@ def _lit_worker(rank, port, out_path):
 
 def test_lit_locked_tower_is_bitwise_unchanged_and_has_no_optimizer_state(tmp_path):
     import torch.multiprocessing as mp
-
     from conftest import free_port
 
     mp.spawn(_lit_worker, args=(free_port(), str(tmp_path / "lit.pt")), nprocs=1, join=True)

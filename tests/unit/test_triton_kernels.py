@@ -22,8 +22,13 @@ from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
 from clipkit.kernels import triton_contrastive
-from clipkit.kernels.triton_contrastive import (TileConfig, infonce_block_grads, infonce_block_stats,
-                                                sigmoid_block, triton_available)
+from clipkit.kernels.triton_contrastive import (
+    TileConfig,
+    infonce_block_grads,
+    infonce_block_stats,
+    sigmoid_block,
+    triton_available,
+)
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[2]
