@@ -181,8 +181,8 @@ class Checkpointer:
         """Collective: every rank must call it. Returns the tag written.
 
         Raises CheckpointWriteError, naming the last complete checkpoint, when this rank's part
-        cannot be written; `latest` then still names that checkpoint. (The other ranks wait in
-        DeepSpeed's closing barrier until the launcher stops them or the process-group timeout.)
+        cannot be written; `latest` then still names that checkpoint. (The other ranks' closing
+        barrier fails when this rank exits: `clipkit.distributed.lost_peer`.)
         """
         tag = tag_for_step(step)
         if distributed.rank() == 0:
@@ -286,15 +286,16 @@ def export_open_clip(run_dir: str | Path, out_dir: str | Path | None = None, tag
     tag = tag or ckpt.latest_tag()
     if tag is None:
         raise ClipkitConfigError(f"{run.root} has no complete checkpoint to export")
-    tag_config = ckpt.dir / tag / OPEN_CLIP_CONFIG
-    config = json.loads((tag_config if tag_config.is_file() else run.open_clip_config).read_text())
+    config_path = ckpt.dir / tag / OPEN_CLIP_CONFIG
+    if not config_path.is_file():
+        config_path = run.open_clip_config
+    config = json.loads(config_path.read_text())
     state = to_open_clip_state_dict(fp32_state_dict(ckpt.dir / tag))
     if "logit_bias" in state:
         # open_clip only creates `logit_bias` when the config asks for it (SigLIP models).
         config["model_cfg"]["init_logit_bias"] = float(state["logit_bias"])
-    written_with = tag_config if tag_config.is_file() else run.open_clip_config
     check_same_model({k: tuple(v.shape) for k, v in state.items()}, open_clip_state_shapes(config["model_cfg"]),
-                     f"checkpoint {ckpt.dir / tag}", f"its model config is {written_with}")
+                     f"checkpoint {ckpt.dir / tag}", f"its model config is {config_path}")
     out_dir = Path(out_dir) if out_dir else run.export
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / EXPORT_WEIGHTS

@@ -8,7 +8,9 @@ functions here instead of `torch.distributed` so that the math stays collective-
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,37 @@ def export_torch_env(info: DistInfo) -> None:
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def apply_timeout(timeout: timedelta) -> None:
+    """Gives every process group made so far `timeout` (`launcher.timeout_minutes`).
+
+    The world group gets it at init, but DeepSpeed makes its data-parallel groups with
+    `dist.new_group(ranks)`, which take torch's default (30 minutes) instead: without this a
+    hung rank held the others in DeepSpeed's gradient all-reduce for 30 minutes, whatever
+    the launcher's timeout said.
+    """
+    if not is_initialized():
+        return
+    # Public in recent torch; older releases (the pin allows 2.4) only have the private spelling.
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+    for group in list(dist.distributed_c10d._world.pg_map):
+        set_timeout(timeout, group)
+
+
+# What torch's gloo and NCCL backends say when a collective's peer died or went silent.
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+              "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """The backend's reason, in one line, when `err` is a collective that failed because another
+    rank died or stopped answering; None for any other error."""
+    text = str(err)
+    if not (isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(m in text for m in _LOST_PEER))):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", first)   # gloo's "[.../pair.cc:561] " source prefix
 
 
 def world_size() -> int:

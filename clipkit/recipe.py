@@ -268,6 +268,7 @@ def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Ru
         log.info("torch.compile: %s (compiled on the first step)", ", ".join(compile_towers(bundle.model)))
     engine = build_engine(objective, optim_cfg=cfg.optim, sched_cfg=cfg.sched, trainer_cfg=cfg.trainer,
                           global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size)
+    distributed.apply_timeout(timedelta(minutes=cfg.launcher.timeout_minutes))   # DeepSpeed's groups too
     if dist.is_main:
         _write_run_files(run_dir, cfg, bundle)
     announce(cfg, dist, bundle, run_dir)

@@ -43,9 +43,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return run_training(prepare(cfg))
 
 
+def _lost_rank_message(cfg: DictConfig, reason: str) -> str:
+    """What a rank says when a collective failed because another rank died or hung."""
+    from clipkit.checkpoint import Checkpointer
+    from clipkit.distributed import rank
+    from clipkit.run_dir import RunDir
+
+    last = Checkpointer(RunDir(cfg.paths.run_dir).checkpoints).latest_tag()
+    after = (f"the last complete checkpoint is {last}; resume with trainer.resume=latest" if last
+             else "there is no complete checkpoint yet")
+    return (f"rank {rank()} lost contact with another rank ({reason}): it died, or hung past "
+            f"launcher.timeout_minutes={cfg.launcher.timeout_minutes}; {after}")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     from clipkit.checkpoint import CheckpointWriteError
+    from clipkit.distributed import lost_peer
     from clipkit.preemption import PREEMPTED_EXIT_CODE, Preempted
     from clipkit.trainer import NonFiniteLossError
 
@@ -53,6 +67,11 @@ def _hydra_main(cfg: DictConfig) -> None:
         train(cfg)
     except (ClipkitConfigError, NonFiniteLossError, CheckpointWriteError) as err:
         sys.exit(f"clipkit-train: error: {err}")
+    except RuntimeError as err:
+        reason = lost_peer(err)
+        if reason is None:
+            raise
+        sys.exit(f"clipkit-train: error: {_lost_rank_message(cfg, reason)}")
     except Preempted as stop:
         print(f"clipkit-train: {stop}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,36 @@ def run_cli(args: list[str], root: Path, *, timeout: int = 600, check: bool = Tr
 def torchrun(nproc: int, module_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             f"--master_port={free_port()}", *module_args]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def kill_job(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILLs a job started with `start_new_session=True` and every process in it, as when
+    its node is lost, and waits until all are gone.
+
+    torchrun starts each rank in a session of its own (torch.distributed.elastic's
+    SubprocessHandler), so killing torchrun's process group alone leaves the ranks and their
+    data workers running as orphans: each child's group is killed too. The children are
+    listed first, while they are still the launcher's children.
+    """
+    listed = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+    children = [int(pid) for pid in listed.stdout.split()]
+    for group in (*children, proc.pid):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:   # a data worker: not a group leader, it is in the launcher's group
+            pass
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    while any(process_alive(pid) for pid in children):
+        assert time.monotonic() < deadline, f"processes {children} outlived SIGKILL"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

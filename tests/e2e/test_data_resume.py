@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, torchrun
+from conftest import kill_job, run_cli, torchrun
 
 STEPS = 12
 RUN = ["debug=fast", "eval=none", "trainer.export_open_clip=false", f"trainer.max_steps={STEPS}",
@@ -37,8 +36,8 @@ def last_record(run_dir: Path) -> dict:
 
 
 def run_and_kill_after_first_checkpoint(args: list[str], root: Path, run_dir: Path, timeout: float = 300) -> None:
-    """Starts the job in its own process group and SIGKILLs all of it (torchrun, ranks, data
-    workers) as soon as a checkpoint is complete, like a node lost mid-run."""
+    """Starts the job in its own session and SIGKILLs all of it (torchrun, ranks, data workers:
+    `kill_job`) as soon as a checkpoint is complete, like a node lost mid-run."""
     env = {**os.environ, "CLIPKIT_ROOT": str(root), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -52,8 +51,7 @@ def run_and_kill_after_first_checkpoint(args: list[str], root: Path, run_dir: Pa
                 raise AssertionError("no checkpoint within the timeout")
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_job(proc)
         proc.stderr.close()
 
 

@@ -1,4 +1,4 @@
-"""Bad data on real tars and dead `pipe:` sources (real subprocesses): every kind is skipped and counted, none raises."""
+"""Bad data on real tars and dead `pipe:` sources (real subprocesses): every kind is skipped and counted."""
 
 import io
 import logging
