@@ -116,6 +116,22 @@ def test_export_writes_safetensors_that_open_clip_loads_first(two_step_run, digi
     assert torch.equal(embeddings[0], embeddings[1])
 
 
+def test_exporting_with_another_model_config_is_refused_listing_keys_and_shapes(two_step_run, digits_root, tmp_path):
+    copy = digits_root / "outputs" / "two_steps_other_config"
+    shutil.copytree(two_step_run, copy)
+    config_path = copy / "checkpoints" / "step_00000002" / "open_clip_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_cfg"]["text_cfg"]["width"] = 64
+    config_path.write_text(json.dumps(config))
+    proc = run_cli([*EXPORT, str(copy), "--out", str(tmp_path / "export")], digits_root, check=False)
+    assert proc.returncode == 1
+    line = last_line(proc)
+    assert line.startswith(f"clipkit-export: error: checkpoint {copy}/checkpoints/step_00000002 was written for a "
+                           f"different model: ") and f"its model config is {config_path}" in line
+    assert "shapes differ (checkpoint vs model): positional_embedding [16, 128] vs [16, 64]" in line
+    assert not (tmp_path / "export").exists()
+
+
 def test_a_truncated_checkpoint_file_is_a_one_line_error(two_step_run, digits_root, tmp_path):
     copy = digits_root / "outputs" / "two_steps_truncated"
     shutil.copytree(two_step_run, copy)
