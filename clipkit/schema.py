@@ -187,7 +187,7 @@ class LoggerConfig:
 @dataclass
 class LauncherConfig:
     backend: str = "auto"             # auto | nccl | gloo
-    timeout_minutes: int = 30
+    timeout_minutes: float = 30.0      # collectives' timeout; fractions work (0.5: 30 s)
     preempt_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     requeue: bool = False
 
