@@ -1,10 +1,12 @@
 """Training throughput side by side: `clipkit-train` against `python -m open_clip_train.main`.
 
-    python benchmarks/train_bench.py --make-venv                  # once: .bench-venv/ for open_clip_train (or make bench-venv)
+    python benchmarks/train_bench.py --make-venv                  # once: .bench-venv/ (or `make bench-venv`)
     python benchmarks/train_bench.py                              # tiny ViT on digits, 1 process, 3 alternations
     python benchmarks/train_bench.py --cases tiny --procs 2 --repeats 2
     python benchmarks/train_bench.py --cases vitb32 --procs 1 --repeats 2
-    python benchmarks/train_bench.py --device cuda --precision bf16 --cases vitb32 --batch 256 --steps 100 --workers 8
+    python benchmarks/train_bench.py --device cuda --precision bf16 --cases vitb32 --batch 256 --steps 64 --workers 8
+    git archive HEAD~1 clipkit conf | tar -x -C /tmp/clipkit-before   # a change's before/after, interleaved:
+    python benchmarks/train_bench.py --trainers clipkit,open_clip,clipkit@/tmp/clipkit-before
 
 Both trainers get the same model, shards, global batch, dataloader workers, precision, steps,
 seed, lr schedule (cosine, same warmup), AdamW settings (lr, weight decay, betas, eps, the same
@@ -33,19 +35,18 @@ step 1), total wall time, and the loss: at the last step and the mean of the las
 clipkit logs the global-batch loss; open_clip_train logs rank 0's loss (its rows of the global
 logits), the same in expectation. Runs alternate clipkit, open_clip_train, clipkit, ... for
 `--repeats` rounds; medians and raw values go to `--out` (merged by case and process count into
-an existing file), with the load average before and after each run.
+an existing file), with the load average before and after each run. A trainer `clipkit@DIR` runs
+clipkit from another source tree (a folder holding `clipkit/` and `conf/`) in the same rotation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,7 +58,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BENCH_VENV = REPO / ".bench-venv"
-TRAINERS = ("clipkit", "open_clip")
 # open_clip_train needs these and the project's environment does not have them (webdataset 1.x
 # breaks its pipeline with KeyError: 'fname').
 SIDE_PACKAGES = ("webdataset<=0.2.86", "pandas")
@@ -84,7 +84,8 @@ def site_dirs(python: str) -> list[str]:
     """The site-packages folders of `python`'s environment, its own first (a venv: one or two;
     a system Python: also the dist-packages and user site folders)."""
     code = ("import site, sysconfig; p = sysconfig.get_paths(); "
-            "dirs = [p['purelib'], p['platlib'], *getattr(site, 'getsitepackages', lambda: [])(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]; "
+            "user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []; "
+            "dirs = [p['purelib'], p['platlib'], *getattr(site, 'getsitepackages', lambda: [])(), *user]; "
             "print('\\n'.join(dict.fromkeys(dirs)))")
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
     return [d for d in out.splitlines() if d and Path(d).is_dir()]
@@ -279,7 +280,8 @@ class TreeMonitor:
         return c0 + (c1 - c0) * (t - t0) / max(t1 - t0, 1e-9)
 
 
-def launch(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, list[tuple[float, str]], TreeMonitor, float, float]:
+def launch(cmd: list[str], env: dict[str, str],
+           log_path: Path) -> tuple[int, list[tuple[float, str]], TreeMonitor, float, float]:
     """Runs `cmd`, timestamping each output line as it arrives. -> (rc, lines, monitor, start, end)."""
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -367,20 +369,21 @@ def summarize(steps: list[Step], monitor: TreeMonitor, start: float, end: float,
 
 def run_once(trainer: str, s: Setup, pythons: dict[str, str], work: Path, tag: str) -> dict:
     out_dir = work / "runs"
-    name = f"{s.case.name}-{s.procs}p-{trainer}-{tag}"
+    name = f"{s.case.name}-{s.procs}p-{re.sub(r'[^A-Za-z0-9_]+', '_', trainer)}-{tag}"
     shutil.rmtree(out_dir / name, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    build = clipkit_command if trainer == "clipkit" else open_clip_command
-    cmd = build(s, pythons[trainer], out_dir, name)
+    kind, _, source = trainer.partition("@")
+    build = clipkit_command if kind == "clipkit" else open_clip_command
+    cmd = build(s, pythons[kind], out_dir, name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if trainer == "clipkit":
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if kind == "clipkit":
+        env["PYTHONPATH"] = os.pathsep.join([source or str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     load_before = os.getloadavg()
     rc, lines, monitor, start, end = launch(cmd, env, work / "runs" / f"{name}.log")
     if rc != 0:
         tail = "\n".join(line for _, line in lines[-40:])
         raise RuntimeError(f"{trainer} exited with {rc}: {' '.join(cmd)}\n{tail}")
-    if trainer == "clipkit":
+    if kind == "clipkit":
         metrics = out_dir / name / "metrics.jsonl"
         steps = clipkit_steps(metrics)
         extra = {"split": clipkit_split(metrics, s.case.skip)}
@@ -388,7 +391,8 @@ def run_once(trainer: str, s: Setup, pythons: dict[str, str], work: Path, tag: s
         steps = open_clip_steps(lines, s.case.batch)
         extra = {}
     result = summarize(steps, monitor, start, end, s.case)
-    result.update(extra, load_before=[round(x, 2) for x in load_before], load_after=[round(x, 2) for x in os.getloadavg()])
+    result.update(extra, load_before=[round(x, 2) for x in load_before],
+                  load_after=[round(x, 2) for x in os.getloadavg()])
     shutil.rmtree(out_dir / name, ignore_errors=True)   # the checkpoints (ViT-B-32: about 1.8 GB each)
     result["command"] = cmd
     return result
@@ -410,26 +414,28 @@ def ratios(ck: dict[str, float], oc: dict[str, float]) -> dict[str, float]:
                                        "startup_s", "wall_s")}
 
 
-def print_point(key: str, runs: dict[str, list[dict]], med: dict[str, dict], rat: dict[str, float]) -> None:
+def print_point(key: str, runs: dict[str, list[dict]], med: dict[str, dict], rat: dict[str, dict[str, float]]) -> None:
     print(f"\n== {key}")
     print(f"{'trainer':>10} {'samples/s':>10} {'data wait':>9} {'CPU s/step':>10} {'RSS MiB':>8} {'1-proc':>7} "
           f"{'start s':>7} {'wall s':>7} {'loss':>7} {'last10':>7}  load(1m) before")
-    for trainer in TRAINERS:
+    for trainer in runs:
         for r in runs[trainer]:
             print(f"{trainer:>10} {r['samples_per_s']:>10.1f} {r['data_wait_frac']:>9.1%} {r['cpu_s_per_step']:>10.3f} "
                   f"{r['peak_rss_mib']:>8.0f} {r['peak_rss_one_process_mib']:>7.0f} {r['startup_s']:>7.1f} "
-                  f"{r['wall_s']:>7.1f} {r['final_loss']:>7.4f} {r['last10_loss_mean']:>7.4f}  {r['load_before'][0]:.2f}")
+                  f"{r['wall_s']:>7.1f} {r['final_loss']:>7.4f} {r['last10_loss_mean']:>7.4f}  "
+                  f"{r['load_before'][0]:.2f}")
         m = med[trainer]
         print(f"{'median':>10} {m['samples_per_s']:>10.1f} {m['data_wait_frac']:>9.1%} {m['cpu_s_per_step']:>10.3f} "
               f"{m['peak_rss_mib']:>8.0f} {m['peak_rss_one_process_mib']:>7.0f} {m['startup_s']:>7.1f} "
               f"{m['wall_s']:>7.1f} {m['final_loss']:>7.4f} {m['last10_loss_mean']:>7.4f}")
-    print(f"{'ratio':>10} {rat['samples_per_s']:>9.2f}x {'':>9} {rat['cpu_s_per_step']:>9.2f}x "
-          f"{rat['peak_rss_mib']:>7.2f}x {rat['peak_rss_one_process_mib']:>6.2f}x {rat['startup_s']:>6.2f}x "
-          f"{rat['wall_s']:>6.2f}x   (clipkit / open_clip_train)")
-    split = [r["split"] for r in runs["clipkit"]]
-    if split:
-        keys = split[0].keys()
-        print("clipkit step split (median): " + ", ".join(f"{k} {statistics.median(x[k] for x in split):.1%}" for k in keys))
+    for label, q in rat.items():
+        print(f"{'ratio':>10} {q['samples_per_s']:>9.2f}x {'':>9} {q['cpu_s_per_step']:>9.2f}x "
+              f"{q['peak_rss_mib']:>7.2f}x {q['peak_rss_one_process_mib']:>6.2f}x {q['startup_s']:>6.2f}x "
+              f"{q['wall_s']:>6.2f}x   ({label} / open_clip_train)")
+    for label in (t for t in runs if t.startswith("clipkit")):
+        split = [r["split"] for r in runs[label]]
+        print(f"{label} step split (median): " + ", ".join(f"{k} {statistics.median(x[k] for x in split):.1%}"
+                                                         for k in split[0]))
 
 
 def device_name(device: str) -> str:
@@ -451,7 +457,8 @@ def machine() -> dict:
 
     return {"cpus": os.cpu_count(), "cpu_model": cpu, "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main() -> None:
@@ -481,6 +488,8 @@ def main() -> None:
         # open_clip_train rounds its epoch up to a multiple of the workers (and would run longer).
         raise SystemExit(f"--steps {args.steps} must be a multiple of --workers {args.workers}")
     side_python = str(Path(args.venv) / "bin" / "python")
+    if any(t not in ("clipkit", "open_clip") and not t.startswith("clipkit@") for t in trainers):
+        raise SystemExit(f"--trainers {args.trainers}: use clipkit, open_clip and clipkit@<source tree>")
     if "open_clip" in trainers and not Path(side_python).exists():
         raise SystemExit(f"{side_python} not found: run `python benchmarks/train_bench.py --make-venv` first")
     pythons = {"clipkit": sys.executable, "open_clip": side_python}
@@ -503,7 +512,7 @@ def main() -> None:
         for procs in args.procs:
             setup = Setup(case, procs, urls, clipkit_model, open_clip_model, args.workers, args.precision, args.device)
             key = f"{case.name}/{procs}p/{args.precision}"
-            runs: dict[str, list[dict]] = {t: [] for t in TRAINERS}
+            runs: dict[str, list[dict]] = {t: [] for t in trainers}
             for r in range(args.repeats):
                 for trainer in trainers:
                     result = run_once(trainer, setup, pythons, work, f"r{r}")
@@ -512,13 +521,13 @@ def main() -> None:
                           f"{result['cpu_s_per_step']:.3f} CPU s/step, loss {result['final_loss']:.4f}, "
                           f"load {result['load_before'][0]:.2f}", flush=True)
             med = {t: medians(runs[t]) for t in trainers}
-            rat = ratios(med["clipkit"], med["open_clip"]) if len(trainers) == 2 else {}
-            if rat:
-                print_point(key, runs, med, rat)
+            rat = ({t: ratios(med[t], med["open_clip"]) for t in trainers if t.startswith("clipkit")}
+                   if "open_clip" in trainers else {})
+            print_point(key, runs, med, rat)
             points[key] = {"case": {**case.__dict__, "shards": shards, "urls": urls, "workers": args.workers,
                                     "procs": procs, "precision": args.precision, "repeats": args.repeats,
                                     "order": "alternating " + " / ".join(trainers)},
-                           "runs": runs, "medians": med, "ratios_clipkit_over_open_clip": rat,
+                           "runs": runs, "medians": med, "ratios_over_open_clip": rat,
                            "loadavg_end": list(os.getloadavg())}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n")
