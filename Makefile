@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.clipkit-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup slurm-packages demo test test-slow clean-demo
+.PHONY: setup slurm-packages demo test test-slow clean-demo bench-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,8 @@ test-slow: setup
 
 clean-demo:
 	rm -rf outputs/demo_digits-clip outputs/demo_digits-siglip
+
+# open_clip_train's side environment for benchmarks/train_bench.py: webdataset 0.2.86 + pandas in
+# .bench-venv/, torch and open_clip read from .venv (the project's environment is not changed).
+bench-venv: setup
+	$(BIN)/python benchmarks/train_bench.py --make-venv
