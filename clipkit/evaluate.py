@@ -6,6 +6,9 @@ temporary folder; the run directory is only read) or any open_clip model plus lo
 (rows per model, dataset, task, across every model scored into `out_dir`).
 
     clipkit-eval run_dir=outputs/demo_digits-clip eval.search.index=hnsw eval.cache_dir=outputs/emb_cache
+
+Under `srun` or torchrun with several ranks (launch/slurm/eval.sbatch) the ranks join a process
+group, each embeds its share of every set and the suite gathers the shares; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import re
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from clipkit import distributed
 from clipkit.checkpoint import Checkpointer, export_open_clip
 from clipkit.config import CONF_DIR, freeze, preflight
 from clipkit.errors import ClipkitConfigError
@@ -57,6 +62,33 @@ def result_folder(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "model"
 
 
+def check(cfg: DictConfig) -> None:
+    """What is checked before any model is loaded (`preflight` runs it, and `clipkit-launch`
+    on the login node): eval sets, search keys, and exactly one existing model to score."""
+    from clipkit.eval.suite import build_eval_specs, build_search_config
+
+    if not build_eval_specs(cfg.eval.sets):
+        raise ClipkitConfigError("no eval sets: choose one with eval=<name> (see conf/eval/)")
+    build_search_config(cfg.eval)
+    if (cfg.run_dir is None) == (cfg.model_name is None):
+        raise ClipkitConfigError("give exactly one of run_dir=<clipkit run> or model_name=<open_clip name>")
+    if cfg.run_dir is not None and not RunDir(cfg.run_dir).root.is_dir():
+        raise ClipkitConfigError(f"run_dir not found: {RunDir(cfg.run_dir).root}")
+
+
+def init_distributed() -> distributed.DistInfo:
+    """Joins the ranks' process group when there are several (srun's or torchrun's env); one
+    process needs none. gloo on CPU, NCCL on GPU."""
+    info = distributed.env_dist_info()
+    if info.world_size > 1 and not distributed.is_initialized():
+        distributed.export_torch_env(info)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                             timeout=timedelta(minutes=30))
+    return info
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from clipkit.eval.runner import write_summary
     from clipkit.eval.scoring import build_scorer
@@ -65,17 +97,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     if not OmegaConf.is_readonly(cfg):
         freeze(cfg, "eval")
+    check(cfg)
     specs = build_eval_specs(cfg.eval.sets)
     search = build_search_config(cfg.eval)
-    if not specs:
-        raise ClipkitConfigError("no eval sets: choose one with eval=<name> (see conf/eval/)")
-    if (cfg.run_dir is None) == (cfg.model_name is None):
-        raise ClipkitConfigError("give exactly one of run_dir=<clipkit run> or model_name=<open_clip name>")
     run_dir = RunDir(cfg.run_dir) if cfg.run_dir is not None else None
-    if run_dir is not None and not run_dir.root.is_dir():
-        raise ClipkitConfigError(f"run_dir not found: {run_dir.root}")
     scorer = build_scorer(cfg.eval.scoring, run_loss_needs(run_dir))
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+    dist = init_distributed()
+    device = torch.device(f"cuda:{dist.local_rank}" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     with tempfile.TemporaryDirectory(prefix="clipkit_eval_export_") as scratch:
         if run_dir is not None:
@@ -92,8 +120,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                       pretrained=str(pretrained or label),
                       search=search, cache_dir=cfg.eval.cache_dir, scorer=scorer)
     metrics = suite.run(ContrastiveObjective(model, loss=None), device=device, tag=checkpoint_tag(run_dir, pretrained))
-    write_summary(cfg.out_dir, label, suite.last_results)
-    print(suite.results_table(), flush=True)
+    if dist.is_main:
+        write_summary(cfg.out_dir, label, suite.last_results)
+        print(suite.results_table(), flush=True)
+    if distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return metrics
 
 
@@ -106,7 +137,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    sys.argv[1:] = preflight("clipkit-eval", "eval", sys.argv[1:])
+    sys.argv[1:] = preflight("clipkit-eval", "eval", sys.argv[1:], check=check)
     _hydra_main()
 
 

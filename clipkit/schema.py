@@ -190,6 +190,20 @@ class LauncherConfig:
     timeout_minutes: float = 30.0      # collectives' timeout; fractions work (0.5: 30 s)
     preempt_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     requeue: bool = False
+    # The job `clipkit-launch slurm` submits (conf/launcher/slurm.yaml; its flags take precedence).
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: Optional[int] = None    # None: one per GPU (1 without GPUs)
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None               # per node, sbatch's --mem (480G; 0: all of it)
+    time: str = "72:00:00"                  # sbatch's --time
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    sbatch_extra: List[str] = field(default_factory=list)   # more #SBATCH options, e.g. [--exclusive]
+    signal_lead_s: int = 120                # --signal=USR1@<lead>: the warning before the time limit
+    cluster: Optional[str] = None           # launch/slurm/clusters/<name>.env, sourced by the job
 
 
 @dataclass

@@ -3,6 +3,7 @@
     clipkit-train experiment=demo_digits                 # the README demo
     clipkit-train experiment=demo_digits loss=siglip     # same run with the sigmoid loss
     torchrun --nproc_per_node=2 -m clipkit.train experiment=demo_digits trainer=zero2
+    clipkit-train -m hydra/launcher=clipkit_slurm loss=clip,siglip   # a SLURM job per point (clipkit.launch.sweep)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipkit.config import CONF_DIR, freeze, preflight, resolve_step_budget
 from clipkit.errors import ClipkitConfigError
+from clipkit.launch.sweep import is_multirun, name_sweep_run, prepare_multirun
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
@@ -63,6 +65,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from clipkit.preemption import PREEMPTED_EXIT_CODE, Preempted
     from clipkit.trainer import NonFiniteLossError
 
+    name_sweep_run(cfg)  # a multirun point: run_name/<its swept overrides>
     try:
         train(cfg)
     except (ClipkitConfigError, NonFiniteLossError, CheckpointWriteError) as err:
@@ -83,7 +86,9 @@ def main() -> None:
 
         from_open_clip_main(sys.argv[1:])
         return
-    sys.argv[1:] = preflight("clipkit-train", "train", sys.argv[1:], check=check)
+    argv = sys.argv[1:]
+    sys.argv[1:] = prepare_multirun("clipkit-train", argv, check) if is_multirun(argv) else \
+        preflight("clipkit-train", "train", argv, check=check)
     _hydra_main()
 
 

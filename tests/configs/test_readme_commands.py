@@ -4,6 +4,10 @@
   the real CLI with `--cfg job`, which composes every override and prints the config (no
   paths are read, so a LAION path composes too); `--from-open-clip-args` runs as printed;
 - `clipkit-shards` / `clipkit-export`: their real argument parsers;
+- `clipkit-launch`: the real CLI with `--dry-run` (every check runs on real digits shards, the
+  job script is printed, nothing is submitted), in a temporary directory;
+- `clipkit-train -m` (a sweep): every point composed and checked as the login node does before
+  submitting (`clipkit.launch.sweep.prepare_multirun`); nothing is run;
 - `make <target>`: `make -n` (the target exists; nothing is run).
 
 The lines are split the way a shell splits them (`shlex`), quotes and comments included.
@@ -22,8 +26,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-PROGRAMS = ("clipkit-train", "clipkit-eval", "clipkit-shards", "clipkit-export", "make", "torchrun", "sbatch",
-            "launch/local/train.sh")
+PROGRAMS = ("clipkit-train", "clipkit-eval", "clipkit-shards", "clipkit-export", "clipkit-launch", "make", "torchrun",
+            "sbatch", "launch/local/train.sh")
+# A sweep's login-node checks, without Hydra's multirun (which would submit).
+SWEEP_CHECK = ("import sys; from clipkit.launch.sweep import prepare_multirun; from clipkit.train import check; "
+               "print(prepare_multirun('clipkit-train', sys.argv[1:], check))")
 # The user config folder that `--config-dir myconf experiment=mine` in the docs refers to (docs/launch.md).
 MYCONF = {"experiment/mine.yaml": "# @package _global_\ndefaults:\n  - override /loss: siglip\ntrainer:\n  max_steps: 50\n",
           "model/my_tiny.yaml": None}
@@ -89,10 +96,31 @@ def demo_model_yaml() -> str:
     return (REPO / "conf" / "model" / "tiny_vit.yaml").read_text().replace("clipkit-tiny-vit", "my-tiny-vit")
 
 
+def _checked_for_real(words: list[str], user_dir: Path) -> list[str] | None:
+    """The command for a `clipkit-launch` or sweep line, whose checks read real shards and the
+    run directories it names (made, empty, in `user_dir`); else None."""
+    for word in words:
+        if word.startswith("run_dir="):
+            (user_dir / word.split("=", 1)[1]).mkdir(parents=True, exist_ok=True)
+    if words[0] == "clipkit-launch":
+        return [sys.executable, "-m", "clipkit.launch.cli", words[1], "--dry-run", *words[2:]]
+    if words[0] == "clipkit-train" and {"-m", "--multirun"} & set(words):
+        return [sys.executable, "-c", SWEEP_CHECK, *words[1:]]
+    return None
+
+
 @pytest.mark.parametrize("where,line", COMMANDS, ids=[f"{w}:{line[:60]}" for w, line in COMMANDS])
-def test_command_runs_as_printed(where, line, user_dir):
+def test_command_runs_as_printed(where, line, user_dir, request):
     words = shlex.split(line, comments=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if words[0] == "clipkit-launch" or (words[0] == "clipkit-train" and {"-m", "--multirun"} & set(words)):
+        digits_root = request.getfixturevalue("digits_root")
+        cmd = _checked_for_real(words, user_dir)
+        proc = subprocess.run(cmd, cwd=user_dir, env={**env, "CLIPKIT_ROOT": str(digits_root)}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, f"{where}: {line}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert proc.stdout.strip(), f"{where}: {line} printed nothing"
+        return
     if words[0] == "make":
         proc = subprocess.run(["make", "-n", *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr

@@ -4,7 +4,8 @@ munged, slurmctld and one slurmd per emulated node (Debian's slurm-wlm has MULTI
 with the facts of shared/SLURM_LOCAL.md: no cgroups or accounting, the node names added to
 /etc/hosts (one marked line, removed again) so torch's rendezvous at `node1` resolves, and
 zero scheduling delay. Needs root and the slurm-wlm and munge packages (`make test` installs
-them where apt-get can); only the daemons started here are stopped.
+them where apt-get can); only the daemons started here are stopped. A test module gets the
+session's one cluster as its `slurm` fixture with `slurm = cluster_fixture()`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 HOSTS_MARK = "# clipkit-test-slurm"
 NODES = ("node1", "node2")
@@ -163,8 +166,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 raise AssertionError(f"job {job}: no {what} within {timeout:.0f} s: {state}")
             time.sleep(0.2)
 
-    def stop(self) -> None:
+    def cancel_jobs(self) -> None:
         subprocess.run(["scancel", "--full", "-u", "root"], capture_output=True, env=self.env)
+
+    def stop(self) -> None:
+        self.cancel_jobs()
         for pid in reversed(self.pids):
             try:
                 os.kill(pid, 15)
@@ -173,3 +179,32 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         if self._hosts_added:
             lines = Path("/etc/hosts").read_text().splitlines(keepends=True)
             Path("/etc/hosts").write_text("".join(line for line in lines if HOSTS_MARK not in line))
+
+
+_shared: SlurmCluster | None = None
+
+
+def shared_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SlurmCluster:
+    """The session's one cluster, started for the first test that asks (under a second here) and
+    stopped when the session ends; the test is skipped, with the reason, where none can run."""
+    global _shared
+    why = missing_requirements()
+    if why:
+        pytest.skip(f"no SLURM cluster: {why}")
+    if _shared is None:
+        _shared = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+        request.session.addfinalizer(_shared.stop)
+    return _shared
+
+
+def cluster_fixture():
+    """A module's `slurm` fixture: the session's cluster, with the jobs the module left (a failed
+    test's) cancelled at its end, so they do not hold the nodes for the next module."""
+
+    @pytest.fixture(scope="module")
+    def slurm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+        cluster = shared_cluster(request, tmp_path_factory)
+        yield cluster
+        cluster.cancel_jobs()
+
+    return slurm

@@ -5,15 +5,12 @@ and finishes from where it stopped, each rank's data stream continuing after the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-from conftest import free_port
-from slurm_cluster import SlurmCluster, missing_requirements
+from slurm_cluster import SlurmCluster, cluster_fixture
 from test_data_resume import key_log
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,20 +19,14 @@ RUN = ["debug=fast", "eval=none", "trainer.export_open_clip=false", "data.global
        "data.record_keys=true", "trainer.log_every_n_steps=1"]
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    why = missing_requirements()
-    if why:
-        pytest.skip(f"no SLURM cluster: {why}")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
+slurm = cluster_fixture()
 
 
 def job_env(cluster: SlurmCluster, root: Path) -> dict[str, str]:
-    # sbatch exports the submitting environment: this venv's python, the test's CLIPKIT_ROOT.
-    return {**cluster.env, "CLIPKIT_ROOT": str(root), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # sbatch exports the submitting environment: the test's CLIPKIT_ROOT, and this interpreter
+    # (CLIPKIT_PYTHON; PATH stays as it is: the venv's bin/ holds another ninja than /usr/bin, and
+    # a JIT-built op whose .ninja_log the two versions take turns writing is rebuilt every time).
+    return {**cluster.env, "CLIPKIT_ROOT": str(root), "OMP_NUM_THREADS": "1", "CLIPKIT_PYTHON": sys.executable}
 
 
 def sbatch(cluster: SlurmCluster, root: Path, log: Path, *overrides: str) -> str:
