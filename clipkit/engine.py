@@ -1,8 +1,9 @@
 """Renders the DeepSpeed config from `trainer:`/`optim:`/`sched:` and calls `deepspeed.initialize`.
 
 There is no DeepSpeed JSON to keep in sync: batch sizes, ZeRO stage, precision and
-clipping come from the Hydra config. The optimizer is a client `torch.optim.AdamW`
-(DeepSpeed's fused Adam would compile a C++ op for minutes on a fresh machine).
+clipping come from the Hydra config. The optimizer is a client `torch.optim.AdamW` with
+torch's fused kernel (DeepSpeed's fused Adam would compile a C++ op for minutes on a fresh
+machine).
 """
 
 from __future__ import annotations
@@ -64,7 +65,82 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def build_optimizer(module: nn.Module, *, lr: float, weight_decay: float,
                     betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    """AdamW over `param_groups`, with torch's fused kernel where it has one.
+
+    The fused kernel updates each tensor in one pass. On CPU torch's default is a loop of about
+    a dozen ops per tensor: DeepSpeed's optimizer step took 41 ms of the tiny CLIP's 140 ms step
+    (batch 128; its 49408 x 128 token embedding is most of the 7.2M parameters) and 9.5 ms fused;
+    388 and 150 ms of ViT-B-32's 9.3 s step at batch 32. The update is the same AdamW up to float
+    rounding. A torch without the kernel for these tensors gets the default.
+    """
+    groups = param_groups(module, weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
+    except RuntimeError:   # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def _fp16_optimizer_master(optimizer: Any, param: torch.Tensor) -> torch.Tensor | None:
+    """`param`'s fp32 master inside DeepSpeed's FP16 optimizers, which bf16/fp16 at ZeRO 0 uses (no
+    public accessor reaches it): a slice of `fp32_groups_flat` (FP16_Optimizer, for DeepSpeed's fused
+    optimizers) or the matching tensor of `fp32_groups` (FP16_UnfusedOptimizer, for a torch one).
+    None under any other optimizer."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return None
+    for i, group in enumerate(optimizer.fp16_groups):
+        offset = 0
+        for j, p in enumerate(group):
+            if p is param:
+                if isinstance(optimizer, FP16_Optimizer):
+                    return optimizer.fp32_groups_flat[i].narrow(0, offset, p.numel()).view(p.shape)
+                return optimizer.fp32_groups[i][j]
+            offset += p.numel()
+    return None
+
+
+def fp32_master(engine: Any, param: torch.Tensor) -> torch.Tensor:
+    """The full fp32 value the optimizer steps for `param`: its master copy under bf16 or ZeRO 1-3,
+    else the parameter itself. Collective under ZeRO 1-3 (every rank must call it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    view = _fp16_optimizer_master(engine.optimizer, param)
+    if view is not None:
+        return view
+    master = safe_get_full_fp32_param(param)
+    return param.detach() if master is None else master
+
+
+@torch.no_grad()
+def cap_logit_scales(engine: Any) -> None:
+    """After an optimizer step: clamps every learnable `LogitScale` to its cap where the optimizer
+    keeps it, on every rank (a collective under ZeRO 1-3).
+
+    Under ZeRO >= 1 or bf16 the optimizer steps an fp32 master copy of t and overwrites the
+    module's t from it, so the loss's in-place clamp never reaches the master, which would walk
+    above the cap while the loss pushes up and then need as many steps to come back before s
+    could move again. This is open_clip's clamp after the optimizer step, applied to the master:
+    through DeepSpeed's public accessors at ZeRO 1-3 (`safe_get_full_fp32_param` all-reduces or
+    all-gathers one element), in DeepSpeed's fp16 optimizer's copy at ZeRO 0.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    from clipkit.losses.logit_scale import LogitScale
+
+    for scale in engine.module.modules():
+        if not (isinstance(scale, LogitScale) and scale.logit_scale.requires_grad):
+            continue
+        param, cap = scale.logit_scale, scale.cap_in(torch.float32)
+        view = _fp16_optimizer_master(engine.optimizer, param)
+        if view is not None:
+            view.clamp_(max=cap)
+        else:
+            master = safe_get_full_fp32_param(param)   # None where the parameter is the master
+            if master is not None and bool((master > cap).any()):
+                safe_set_full_fp32_param(param, master.clamp(max=cap))
+        scale.clamp_()
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,

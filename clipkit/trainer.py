@@ -20,6 +20,7 @@ import torch
 from clipkit import distributed
 from clipkit.accumulation import CachedGradientStep
 from clipkit.checkpoint import Checkpointer
+from clipkit.engine import cap_logit_scales
 from clipkit.loggers import MetricLoggers
 from clipkit.preemption import PreemptionWatch
 
@@ -200,6 +201,7 @@ class Trainer:
                 self.engine.step()
         if not finite or not self.engine.was_step_applied():
             return self._nonfinite(step, "the gradient is not finite", record)
+        cap_logit_scales(self.engine)
         self._consecutive_skips = 0
         norm = self.engine.get_global_grad_norm()
         if norm is not None:

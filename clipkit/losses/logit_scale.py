@@ -18,10 +18,9 @@ step instead. Here, with nothing asked of the trainer:
   * each forward first clamps t itself in place, so the optimizer cannot walk t above the
     cap while the loss keeps pushing up: open_clip's clamp-after-step, applied when the next
     step reads t.
-Limit: with DeepSpeed bf16 or ZeRO ≥ 1 the optimizer steps an fp32 master copy and rewrites
-the module's copy from it after each step, so the in-place clamp cannot reach the master.
-There the value used is still capped and the gradient still flows, but the master may
-drift above the cap while the loss pushes up (and must come back before s moves again).
+With DeepSpeed bf16 or ZeRO ≥ 1 the optimizer steps an fp32 master copy and rewrites the
+module's copy from it after each step, so the in-place clamp cannot reach the master; the
+trainer clamps the master after each optimizer step (`clipkit.engine.cap_logit_scales`).
 """
 
 from __future__ import annotations
@@ -57,15 +56,19 @@ class LogitScale(nn.Module):
                                         requires_grad=learnable)
         self.logit_bias = None if init_bias is None else nn.Parameter(torch.full([1], float(init_bias)))
 
+    def cap_in(self, dtype: torch.dtype) -> float:
+        """log max as the nearest `dtype` value at or above it: rounding to nearest would put a bf16
+        t at 4.59375 (s = 98.9) when log 100 is 4.6052; `scale` then caps exactly."""
+        cap = torch.tensor(self.max_log_scale, dtype=torch.float64)
+        cap_here = cap.to(dtype)
+        if cap_here < cap:
+            cap_here = torch.nextafter(cap_here, torch.tensor(math.inf, dtype=dtype))
+        return float(cap_here)
+
     @torch.no_grad()
     def clamp_(self) -> None:
-        """t ← min(t, cap), the cap rounded *up* to t's dtype: rounding it to nearest would put a
-        bf16 t at 4.59375 (s = 98.9) when log 100 is 4.6052; `scale` then caps exactly."""
-        cap = torch.tensor(self.max_log_scale, dtype=torch.float64)
-        cap_here = cap.to(self.logit_scale.dtype)
-        if cap_here < cap:
-            cap_here = torch.nextafter(cap_here, torch.tensor(math.inf, dtype=cap_here.dtype))
-        self.logit_scale.clamp_(max=float(cap_here))
+        """t ← min(t, cap), the cap rounded *up* to t's dtype (`cap_in`)."""
+        self.logit_scale.clamp_(max=self.cap_in(self.logit_scale.dtype))
 
     def scale(self) -> torch.Tensor:
         """s = exp(min(t, log max)), [1] float32 (float64 for a float64 t), with ∂s/∂t = s

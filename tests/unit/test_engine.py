@@ -67,3 +67,26 @@ def test_constant_schedule_warms_up_then_holds_and_names_are_checked():
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and set(lrs[3:]) == {1.0}
     with pytest.raises(ClipkitConfigError, match="sched.name='linear' is not one of cosine, constant"):
         build_schedule(opt, OmegaConf.create({"name": "linear", "warmup_steps": 4}), total_steps=50)
+
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_matches_the_default():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3), torch.nn.LayerNorm(3))
+    fused = build_optimizer(model, lr=1e-2, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    assert fused.defaults["fused"]   # CPU has the kernel since torch 2.4
+    copies = {id(p): p.detach().clone().requires_grad_() for p in model.parameters()}
+    plain = torch.optim.AdamW([{"params": [copies[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+                               for g in fused.param_groups], lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    assert [g["fused"] for g in plain.param_groups] == [None, None]   # torch's default on CPU: the per-tensor loop
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.2, 0.0]
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+            copies[id(p)].grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p in model.parameters():
+        torch.testing.assert_close(p, copies[id(p)], rtol=1e-6, atol=1e-7)
+
