@@ -20,6 +20,7 @@ from torch import nn
 from clipkit.errors import ClipkitConfigError
 from clipkit.models.outputs import (
     encode_image_parts,
+    encode_text_pooled,
     image_token_features,
     is_coca,
     is_vision_transformer,
@@ -148,8 +149,9 @@ class ContrastiveObjective(nn.Module):
         return F.normalize(pooled.float(), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[b,L] long -> [b,D] float32, L2-normalized."""
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        """[b,L] long -> [b,D] float32, L2-normalized. A causal CLIP text tower runs only up to the
+        batch's last real token (`encode_text_pooled`: exact, and most positions are pads)."""
+        return F.normalize(encode_text_pooled(self.model, tokens, self.pad_id).float(), dim=-1)
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[b,3,H,W] -> [b,N,D] float32 patch-token features, each L2-normalized."""

@@ -46,7 +46,10 @@ def _gradients_finite(engine) -> bool:
     """
     if hasattr(engine.optimizer, "overflow"):
         return True
-    bad = any(not bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters() if p.grad is not None)
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    # One fused pass: a NaN or inf anywhere makes its tensor's norm, and the sum, non-finite.
+    # (A tensor per check, each synchronised by bool(), cost 5% of the tiny CLIP's CPU step.)
+    bad = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
     return float(distributed.all_reduce(torch.tensor([float(bad)]), "max")) == 0.0
 
 

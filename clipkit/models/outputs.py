@@ -11,6 +11,7 @@ _pool` (open_clip >= 3.0) so that TailDrop can act between the transformer and t
 from __future__ import annotations
 
 import torch
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 
@@ -62,3 +63,48 @@ def text_token_features(model: nn.Module, text: torch.Tensor, pad_id: int = 0) -
     if projection is not None:
         x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
     return x, text != pad_id
+
+
+def trimmable_text_length(model: nn.Module, text: torch.Tensor, pad_id: int = 0, multiple: int = 1) -> int | None:
+    """The leading positions of `text` [b, L] that decide a causal CLIP text tower's pooled output,
+    or None when trimming would not be exact (or would not shorten anything).
+
+    In open_clip's `CLIP.encode_text` the attention mask is causal, so position i sees only
+    positions <= i, and the pooled feature is read at the EOT token (`argmax` pooling, or
+    `eos` with an EOS id that is not the pad id). Every position after the batch's last real
+    token is then a pad that nothing read depends on: dropping those positions changes no
+    output. Captions are short (CLIP's 77-position context; web alt-text averages well under
+    half of it), so most of the text tower's work is on such pads. `multiple` rounds the length
+    up (fewer distinct shapes, e.g. for kernel autotuning); eager PyTorch needs none.
+    """
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask", "text_pool_type")
+    if not all(getattr(model, name, None) is not None for name in needed):
+        return None   # not a CLIP text tower (CustomTextCLIP, SigLIP's TextTransformer, ...)
+    pool, eos = model.text_pool_type, getattr(model, "text_eos_id", None)
+    if not (pool == "argmax" or (pool == "eos" and eos is not None and eos != pad_id)):
+        return None
+    mask = model.attn_mask
+    full = text.shape[1]
+    if mask.shape != (full, full) or not torch.equal(torch.isneginf(mask), torch.ones_like(mask, dtype=torch.bool).triu(1)):
+        return None   # not the causal mask this argument rests on
+    real = (text != pad_id).any(dim=0).nonzero()
+    length = int(real.max()) + 1 if len(real) else 1
+    length = min(full, -(-length // multiple) * multiple)
+    return length if length < full else None
+
+
+def encode_text_pooled(model: nn.Module, text: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """[b, L] token ids -> [b, D] pooled, projected text features: open_clip's `encode_text`,
+    run on the first `trimmable_text_length` positions when that is exact (else unchanged)."""
+    length = trimmable_text_length(model, text, pad_id)
+    if length is None:
+        return model.encode_text(text)
+    text = text[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    projection = model.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+    return x
