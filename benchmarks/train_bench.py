@@ -217,7 +217,7 @@ def open_clip_command(s: Setup, python: str, out_dir: Path, name: str) -> list[s
             "--lr", str(LR), "--wd", str(WEIGHT_DECAY), "--warmup", str(c.warmup), "--lr-scheduler", "cosine",
             "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]), "--eps", str(EPS), "--grad-clip-norm", str(GRAD_CLIP),
             "--seed", str(s.seed), "--log-every-n-steps", "1", "--zeroshot-frequency", "0", "--save-frequency", "1",
-            "--logs", str(out_dir), "--name", name, "--device", s.device]
+            "--name", name, "--device", s.device]   # logs to ./logs/<name>: run in out_dir (see run_once)
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -280,11 +280,11 @@ class TreeMonitor:
         return c0 + (c1 - c0) * (t - t0) / max(t1 - t0, 1e-9)
 
 
-def launch(cmd: list[str], env: dict[str, str],
-           log_path: Path) -> tuple[int, list[tuple[float, str]], TreeMonitor, float, float]:
-    """Runs `cmd`, timestamping each output line as it arrives. -> (rc, lines, monitor, start, end)."""
+def launch(cmd: list[str], env: dict[str, str], log_path: Path,
+           cwd: Path = REPO) -> tuple[int, list[tuple[float, str]], TreeMonitor, float, float]:
+    """Runs `cmd` in `cwd`, timestamping each output line as it arrives. -> (rc, lines, monitor, start, end)."""
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
     monitor = TreeMonitor(proc.pid)
     monitor.start()
@@ -371,6 +371,7 @@ def run_once(trainer: str, s: Setup, pythons: dict[str, str], work: Path, tag: s
     out_dir = work / "runs"
     name = f"{s.case.name}-{s.procs}p-{re.sub(r'[^A-Za-z0-9_]+', '_', trainer)}-{tag}"
     shutil.rmtree(out_dir / name, ignore_errors=True)
+    shutil.rmtree(out_dir / "logs" / name, ignore_errors=True)   # open_clip_train refuses an existing one
     out_dir.mkdir(parents=True, exist_ok=True)
     kind, _, source = trainer.partition("@")
     build = clipkit_command if kind == "clipkit" else open_clip_command
@@ -379,7 +380,11 @@ def run_once(trainer: str, s: Setup, pythons: dict[str, str], work: Path, tag: s
     if kind == "clipkit":
         env["PYTHONPATH"] = os.pathsep.join([source or str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     load_before = os.getloadavg()
-    rc, lines, monitor, start, end = launch(cmd, env, work / "runs" / f"{name}.log")
+    # open_clip_train writes under --logs (default ./logs/); the flag is not passed because torchrun's
+    # own parser (torch >= 2.9) rejects "--logs" anywhere on its command line as an ambiguous
+    # abbreviation of its --logs-specs, so open_clip_train runs in out_dir instead.
+    rc, lines, monitor, start, end = launch(cmd, env, work / "runs" / f"{name}.log",
+                                            cwd=REPO if kind == "clipkit" else out_dir)
     if rc != 0:
         tail = "\n".join(line for _, line in lines[-40:])
         raise RuntimeError(f"{trainer} exited with {rc}: {' '.join(cmd)}\n{tail}")
@@ -394,6 +399,7 @@ def run_once(trainer: str, s: Setup, pythons: dict[str, str], work: Path, tag: s
     result.update(extra, load_before=[round(x, 2) for x in load_before],
                   load_after=[round(x, 2) for x in os.getloadavg()])
     shutil.rmtree(out_dir / name, ignore_errors=True)   # the checkpoints (ViT-B-32: about 1.8 GB each)
+    shutil.rmtree(out_dir / "logs" / name, ignore_errors=True)
     result["command"] = cmd
     return result
 
@@ -492,6 +498,11 @@ def main() -> None:
         raise SystemExit(f"--trainers {args.trainers}: use clipkit, open_clip and clipkit@<source tree>")
     if "open_clip" in trainers and not Path(side_python).exists():
         raise SystemExit(f"{side_python} not found: run `python benchmarks/train_bench.py --make-venv` first")
+    if args.device == "cpu" and any(p > 1 for p in args.procs) and "open_clip" in trainers:
+        # open_clip_train/main.py always wraps the model as DistributedDataParallel(model, device_ids=[device]);
+        # torch refuses device_ids for a CPU module, so open_clip_train cannot train in 2 CPU processes.
+        raise SystemExit("open_clip_train cannot run several CPU processes (it passes device_ids=[cpu] to "
+                         "DistributedDataParallel, which torch rejects): use --device cuda, or --trainers clipkit")
     pythons = {"clipkit": sys.executable, "open_clip": side_python}
     work = Path(args.workdir)
     data = work / "data"
