@@ -1,10 +1,10 @@
 """Run under torchrun: a ZeRO checkpoint written by one number of ranks, resumed on another.
 
-    resize_worker.py OUT save   STAGES    # e.g. 2 ranks: train, checkpoint, train on
-    resize_worker.py OUT resume STAGES    # e.g. 1 or 3 ranks: resume, train on; then a fresh run
+    resize_worker.py OUT save   STAGES [OVERRIDES]   # e.g. 2 ranks: train, checkpoint, train on
+    resize_worker.py OUT resume STAGES [OVERRIDES]   # e.g. 1 or 3 ranks: resume, train on; then a fresh run
 
 For each ZeRO stage in STAGES (comma-separated), on fixed global batches of 12 (a function of the
-step, split over the ranks), fp32:
+step, split over the ranks), fp32 unless Hydra OVERRIDES say otherwise:
   save    trains SAVE_AT steps, checkpoints through `Checkpointer.save`, gathers the full state, and
           trains AFTER more steps (the uninterrupted run at the saving size).
   resume  resumes the checkpoint the way `clipkit.recipe` does (`check_resume`, the engine built with
@@ -86,16 +86,16 @@ def engine_for(cfg, info, load_universal: bool = False):
                         global_batch_size=GLOBAL_BATCH, world_size=info.world_size, load_universal=load_universal)
 
 
-def config(stage: int):
+def config(stage: int, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[f"trainer.zero_stage={stage}", f"data.global_batch_size={GLOBAL_BATCH}",
-                                           f"trainer.max_steps={SAVE_AT + AFTER}", "sched.warmup_steps=2"])
+                                           f"trainer.max_steps={SAVE_AT + AFTER}", "sched.warmup_steps=2", *overrides])
 
 
-def main(out: Path, phase: str, stages: list[int]) -> None:
-    info = init_distributed(config(0).launcher)
+def main(out: Path, phase: str, stages: list[int], overrides: list[str]) -> None:
+    info = init_distributed(config(0, overrides).launcher)
     for stage in stages:
-        cfg = config(stage)
+        cfg = config(stage, overrides)
         checkpointer = Checkpointer(out / f"z{stage}" / "checkpoints")
         result: dict = {"world_size": info.world_size}
         if phase == "save":
@@ -120,10 +120,10 @@ def main(out: Path, phase: str, stages: list[int]) -> None:
             torch.save(result, out / f"z{stage}" / f"{phase}_w{info.world_size}.pt")
         distributed.barrier()
     if phase == "resume":
-        losses = train(engine_for(config(0), info), range(1, SAVE_AT + AFTER + 1), info)
+        losses = train(engine_for(config(0, overrides), info), range(1, SAVE_AT + AFTER + 1), info)
         if info.rank == 0:
             torch.save({"losses": losses}, out / f"uninterrupted_w{info.world_size}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], [int(s) for s in sys.argv[3].split(",")])
+    main(Path(sys.argv[1]), sys.argv[2], [int(s) for s in sys.argv[3].split(",")], sys.argv[4:])
