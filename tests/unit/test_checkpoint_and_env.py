@@ -3,6 +3,8 @@ discovery from torchrun/SLURM env."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from clipkit.checkpoint import (
     atomic_write_text,
     check_resume_layout,
     check_same_model,
+    convert_to_universal,
     load_file,
     read_tag,
     restore_param_groups,
@@ -75,6 +78,32 @@ def test_a_universal_load_gets_buffers_frozen_weights_groups_and_own_step_counts
     unshare_step_counts(optimizer)
     steps = [optimizer.state[p]["step"] for p in (module[0].weight, module[1].weight)]
     assert steps[0] is not steps[1] and float(steps[0]) == float(steps[1]) == 3.0
+
+
+def test_a_conversion_cut_short_is_never_loaded(tmp_path, monkeypatch):
+    from deepspeed.checkpoint import ds_to_universal
+
+    def dies_halfway(args):
+        (Path(args.output_folder) / "zero").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    def converts(args):
+        (Path(args.output_folder) / "zero").mkdir(parents=True)
+        (Path(args.output_folder) / "mp_rank_00_model_states.pt").write_bytes(b"states")
+        (Path(args.output_folder).parent / "latest_universal").write_text(Path(args.output_folder).name)
+
+    out = tmp_path / "universal" / "step_00000003"
+    out.parent.mkdir()
+    monkeypatch.setattr(ds_to_universal, "main", dies_halfway)
+    with pytest.raises(OSError):
+        convert_to_universal(tmp_path / "step_00000003", out)
+    assert not out.exists()                              # only the scratch copy was written
+    ckpt = Checkpointer(tmp_path)
+    monkeypatch.setattr(ds_to_universal, "main", converts)
+    assert ckpt.universal_dir("step_00000003") == out    # the next try starts over
+    assert sorted(p.name for p in out.parent.iterdir()) == ["step_00000003"]
+    monkeypatch.setattr(ds_to_universal, "main", dies_halfway)
+    assert ckpt.universal_dir("step_00000003") == out    # complete: reused, not converted again
 
 
 def test_pruning_a_tag_removes_its_universal_conversion(tmp_path):
