@@ -4,6 +4,8 @@ Under a run directory (`clipkit.run_dir.RunDir`):
     checkpoints/step_00000500/   DeepSpeed tag directory (model, optimizer, client state), plus
                                  the launch's config.yaml and open_clip_config.json
     checkpoints/latest           name of the newest *complete* tag, replaced atomically
+    checkpoints/universal/<tag>/ DeepSpeed's universal form of a ZeRO 1-3 tag, made on a resume
+                                 on another number of ranks (renamed into place when complete)
 
 A save writes the tag directory first and flips `latest` only after every rank has
 finished, so a process killed mid-save, or a save that fails (a full disk), leaves `latest`
@@ -14,15 +16,26 @@ Every checkpoint file clipkit reads goes through `torch.load(weights_only=True)`
 never arbitrary pickled code. DeepSpeed's own loads (`engine.load_checkpoint`, zero_to_fp32)
 use `weights_only=False`, so clipkit vets a tag's files before handing it to them
 (`read_tag`), and refuses a tag written for another model with the keys and shapes that differ.
+
+Resuming on another number of ranks (a SLURM requeue on other nodes): the client state records
+the world size and ZeRO stage each checkpoint was written with (`layout`). A ZeRO-0 checkpoint
+holds the whole optimizer state in rank 0's model states and loads as it is. A ZeRO 1-3
+checkpoint is partitioned by rank: rank 0 converts it with DeepSpeed's `ds_to_universal`, and
+the engine, built with `checkpoint.load_universal`, re-partitions it on load. A change of ZeRO
+stage together with the number of ranks is refused (`check_resume_layout`, before the engine exists).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import io
 import json
+import os
 import pickle
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +55,12 @@ EXPORT_SAFETENSORS = "open_clip_model.safetensors"
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 # Files of the launch that wrote a checkpoint, copied into its tag directory.
 _RUN_FILES = ("config.yaml", OPEN_CLIP_CONFIG)
+# checkpoints/universal/<tag>: DeepSpeed's universal form of <tag>, for a resume on another number of ranks.
+UNIVERSAL = "universal"
+# ZeRO stages whose checkpoints resume on another number of ranks (tests/e2e/test_resize_resume.py).
+# 0: rank 0's model states hold the whole optimizer; 1-3: DeepSpeed's universal checkpoint, with
+# two repairs after ZeRO-3's load (`restore_param_groups`, `unshare_step_counts`).
+RESIZABLE_ZERO_STAGES = (0, 1, 2, 3)
 # Objective parameters that open_clip keeps on the model itself rather than in a loss: each
 # clipkit loss holds them in its `temperature` (a `clipkit.losses.logit_scale.LogitScale`).
 _LOSS_TO_OPEN_CLIP = {"loss.temperature.logit_scale": "logit_scale", "loss.temperature.logit_bias": "logit_bias"}
@@ -105,6 +124,121 @@ def read_tag(tag_dir: str | Path) -> dict[str, Any]:
     if states is None:
         raise ClipkitConfigError(f"checkpoint {tag_dir} is incomplete: it has no {' or '.join(_MODEL_STATES)}")
     return states
+
+
+def _model_states(tag_dir: Path) -> Any:
+    """Rank 0's model states of a tag (memory-mapped safe load), without vetting the other files."""
+    for name in _MODEL_STATES:
+        if (tag_dir / name).is_file():
+            return load_file(tag_dir / name, mmap=True)
+    raise ClipkitConfigError(f"checkpoint {tag_dir} is incomplete: it has no {' or '.join(_MODEL_STATES)}")
+
+
+@dataclass(frozen=True)
+class SavedLayout:
+    """What a checkpoint was written with: the number of (data-parallel) ranks and the ZeRO stage."""
+
+    world_size: int
+    zero_stage: int
+
+
+def saved_layout(tag_dir: str | Path) -> SavedLayout:
+    """The layout in a tag's client state (`layout`), or, for checkpoints from before it was
+    recorded, in DeepSpeed's own `dp_world_size` and config."""
+    states = _model_states(Path(tag_dir))
+    layout = states.get("layout")
+    if layout is not None:
+        return SavedLayout(int(layout["world_size"]), int(layout["zero_stage"]))
+    zero = (states.get("ds_config") or {}).get("zero_optimization") or {}
+    return SavedLayout(int(states["dp_world_size"]), int(zero.get("stage", 0)))
+
+
+def check_resume_layout(saved: SavedLayout, tag: str, *, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming checkpoint `tag` on `world_size` ranks at ZeRO `zero_stage` needs DeepSpeed's
+    universal checkpoint (the engine is then built with `checkpoint.load_universal`).
+
+    Raises a one-line ClipkitConfigError when the number of ranks changed at a stage that cannot
+    follow it, or together with the ZeRO stage.
+    """
+    if saved.world_size == world_size:
+        return False
+    moved = f"checkpoint {tag} was written by {saved.world_size} ranks at ZeRO stage {saved.zero_stage}"
+    if zero_stage != saved.zero_stage:
+        raise ClipkitConfigError(f"{moved}; resume it on {world_size} ranks at the same stage "
+                                 f"(trainer.zero_stage={saved.zero_stage})")
+    if zero_stage not in RESIZABLE_ZERO_STAGES:
+        raise ClipkitConfigError(f"{moved}; resuming on {world_size} ranks works at ZeRO stages "
+                                 f"{', '.join(map(str, RESIZABLE_ZERO_STAGES))} only: resume on {saved.world_size} ranks")
+    return zero_stage > 0
+
+
+def convert_to_universal(tag_dir: str | Path, out_dir: str | Path) -> Path:
+    """DeepSpeed's `ds_to_universal` of one ZeRO 1-3 tag directory into `out_dir`, atomically.
+
+    It writes under a temporary name beside `out_dir` and renames that into place when complete,
+    so a conversion cut short (a kill, a full disk) is never loaded; the next try starts over.
+    Runs in this process, one file at a time (DeepSpeed's default forks worker processes).
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag_dir, out_dir = Path(tag_dir), Path(out_dir)
+    scratch = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    # ds_to_universal also writes a `latest_universal` file beside its output: it stays in `scratch`.
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(scratch / out_dir.name),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):   # its prints and progress bars
+        ds_to_universal.main(args)
+    os.replace(scratch / out_dir.name, out_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out_dir
+
+
+def restore_untrained_state(module: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copies buffers (BatchNorm statistics) and frozen parameters from a saved module state.
+
+    A universal load restores only what the optimizer holds, and DeepSpeed then skips the module
+    state. Entries whose shape differs (ZeRO-3's partitioned placeholders) are left alone.
+    Returns the names copied.
+    """
+    params = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
+    copied = []
+    with torch.no_grad():
+        for name, tensor in [*module.named_buffers(), *params]:
+            value = saved.get(name)
+            if value is not None and tensor.numel() and tuple(value.shape) == tuple(tensor.shape):
+                tensor.copy_(value.to(tensor.dtype))
+                copied.append(name)
+    return copied
+
+
+def restore_param_groups(optimizer, saved_groups: list[dict[str, Any]]) -> None:
+    """Sets each parameter group's hyperparameters (lr, betas, weight decay, ...) to the saved group's.
+
+    DeepSpeed 0.19.8's ZeRO-3 universal load gives every group the first group's, so biases,
+    norms and the temperature would be decayed like the matrices; ZeRO 1/2 load them per group,
+    which this repeats.
+    """
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ClipkitConfigError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's "
+                                 f"{len(optimizer.param_groups)}")
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        group.update({key: value for key, value in saved.items() if key != "params"})
+
+
+def unshare_step_counts(optimizer) -> None:
+    """Gives each parameter's optimizer state its own step counter.
+
+    DeepSpeed 0.19.8's ZeRO-3 universal load puts one step tensor into every group's state, and
+    torch's Adam increments it in place, once per group: the second group's bias correction
+    would then use step 2t.
+    """
+    basic = getattr(optimizer, "optimizer", optimizer)   # the torch optimizer inside ZeRO's
+    for state in basic.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def saved_shapes(states: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -187,9 +321,13 @@ class Checkpointer:
         tag = tag_for_step(step)
         if distributed.rank() == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
+            # A conversion of an older checkpoint of this step (a run resumed from before it) is stale.
+            shutil.rmtree(self.dir / UNIVERSAL / tag, ignore_errors=True)
         distributed.barrier()
+        layout = {"world_size": distributed.world_size(), "zero_stage": int(engine.zero_optimization_stage())}
         try:
-            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state={**client_state, "layout": layout},
+                                   save_latest=False)
         except OSError as err:
             raise self._write_error(tag, err) from err
         distributed.barrier()
@@ -219,19 +357,43 @@ class Checkpointer:
             if source.is_file():
                 atomic_write_bytes(self.dir / tag / name, source.read_bytes())
 
-    def load(self, engine, tag: str) -> dict[str, Any]:
+    def check_resume(self, tag: str, *, world_size: int, zero_stage: int) -> bool:
+        """Cheap, before any process group: whether resuming `tag` on `world_size` ranks needs the
+        universal checkpoint; a one-line ClipkitConfigError when it cannot be resumed there."""
+        return check_resume_layout(saved_layout(self.dir / tag), tag, world_size=world_size, zero_stage=zero_stage)
+
+    def universal_dir(self, tag: str) -> Path:
+        """Collective: the universal form of `tag`, converted by rank 0 unless it exists already."""
+        out = self.dir / UNIVERSAL / tag
+        if distributed.rank() == 0 and not out.is_dir():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            convert_to_universal(self.dir / tag, out)
+        distributed.barrier()
+        return out
+
+    def load(self, engine, tag: str, *, universal: bool = False) -> dict[str, Any]:
         """Restores model, optimizer and scheduler; returns the saved client state.
 
         The tag's files are vetted with safe loads first, and a checkpoint of another model is
         refused with the keys and shapes that differ, before DeepSpeed's own load touches them.
+        `universal` (collective; `check_resume`): the tag goes through DeepSpeed's universal
+        checkpoint, for an engine built with `checkpoint.load_universal`.
         """
-        states = read_tag(self.dir / tag)
+        root = self.universal_dir(tag).parent if universal else self.dir
+        states = read_tag(root / tag)
+        if universal:
+            for path in sorted((root / tag / "zero").rglob("*.pt")):
+                load_file(path, mmap=True)
         check_same_model(saved_shapes(states), module_shapes(engine.module), f"checkpoint {self.dir / tag}",
                          f"resume with the model it was trained with ({self.dir / tag / 'config.yaml'}) "
                          f"or start a new run_name=...")
-        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+        path, client_state = engine.load_checkpoint(str(root), tag=tag)
         if path is None:
             raise ClipkitConfigError(f"could not load checkpoint {self.dir / tag}")
+        if universal:
+            restore_untrained_state(engine.module, states["module"])
+            restore_param_groups(engine.optimizer, load_file(root / tag / "zero" / "optimizer_state.pt")["param_groups"])
+            unshare_step_counts(engine.optimizer)
         return client_state
 
     def _prune(self, keep: str) -> None:
@@ -239,6 +401,7 @@ class Checkpointer:
         for old in tags[: max(0, len(tags) - self.keep_last)]:
             if old != keep:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
+                shutil.rmtree(self.dir / UNIVERSAL / old, ignore_errors=True)
 
 
 def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:

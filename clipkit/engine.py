@@ -18,9 +18,11 @@ from clipkit.errors import ClipkitConfigError
 
 
 def render_deepspeed_config(*, global_batch_size: int, world_size: int, zero_stage: int,
-                            precision: str, grad_clip: float | None, accum_steps: int = 1) -> dict[str, Any]:
+                            precision: str, grad_clip: float | None, accum_steps: int = 1,
+                            load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict for one run: one optimizer step per global batch, reached in
-    `accum_steps` micro-batches per rank (`clipkit.accumulation`)."""
+    `accum_steps` micro-batches per rank (`clipkit.accumulation`). `load_universal`: the run
+    resumes a ZeRO checkpoint written by another number of ranks (`clipkit.checkpoint`)."""
     if accum_steps < 1:
         raise ClipkitConfigError(f"trainer.accum_steps must be >= 1, got {accum_steps}")
     if global_batch_size % (world_size * accum_steps):
@@ -36,7 +38,7 @@ def render_deepspeed_config(*, global_batch_size: int, world_size: int, zero_sta
         raise ClipkitConfigError(f"trainer.precision={precision!r}; use fp32 or bf16")
     if zero_stage not in (0, 1, 2, 3):
         raise ClipkitConfigError(f"trainer.zero_stage={zero_stage}; use 0, 1, 2 or 3")
-    return {
+    config = {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": global_batch_size // (world_size * accum_steps),
         "gradient_accumulation_steps": accum_steps,
@@ -48,6 +50,9 @@ def render_deepspeed_config(*, global_batch_size: int, world_size: int, zero_sta
         # A torch optimizer is passed in; ZeRO-Offload must not swap it for cpu_adam.
         "zero_force_ds_cpu_optimizer": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -172,10 +172,12 @@ def build_loss(loss_cfg: DictConfig, bundle: ModelBundle) -> torch.nn.Module:
 
 
 def build_engine(objective: torch.nn.Module, *, optim_cfg: DictConfig, sched_cfg: DictConfig,
-                 trainer_cfg: DictConfig, global_batch_size: int, world_size: int):
+                 trainer_cfg: DictConfig, global_batch_size: int, world_size: int, load_universal: bool = False):
+    """The DeepSpeed engine; `load_universal`: it will resume a ZeRO 1-3 checkpoint of another world size."""
     ds_config = render_deepspeed_config(
         global_batch_size=global_batch_size, world_size=world_size, zero_stage=trainer_cfg.zero_stage,
-        precision=trainer_cfg.precision, grad_clip=trainer_cfg.grad_clip, accum_steps=trainer_cfg.accum_steps)
+        precision=trainer_cfg.precision, grad_clip=trainer_cfg.grad_clip, accum_steps=trainer_cfg.accum_steps,
+        load_universal=load_universal)
     optimizer = build_optimizer(objective, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
                                 betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     scheduler = build_schedule(optimizer, sched_cfg, total_steps=trainer_cfg.max_steps)
@@ -191,6 +193,7 @@ class Inputs:
     eval_search: SearchConfig
     preempt_signals: list
     resume_tag: str | None
+    resume_universal: bool = False   # the tag was written by another number of ranks at ZeRO 1-3
 
 
 def check_inputs(cfg: DictConfig) -> Inputs:
@@ -205,8 +208,9 @@ def check_inputs(cfg: DictConfig) -> Inputs:
         raise ClipkitConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r} is not one of "
                                  f"{', '.join(NONFINITE_POLICIES)}")
     # Batch split, precision, ZeRO stage and accumulation, for the world size the launcher set.
+    world_size = distributed.env_dist_info().world_size
     render_deepspeed_config(
-        global_batch_size=cfg.data.global_batch_size, world_size=distributed.env_dist_info().world_size,
+        global_batch_size=cfg.data.global_batch_size, world_size=world_size,
         zero_stage=cfg.trainer.zero_stage, precision=cfg.trainer.precision, grad_clip=cfg.trainer.grad_clip,
         accum_steps=cfg.trainer.accum_steps)
     if cfg.eval.cache_dir:
@@ -219,7 +223,11 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     except ValueError as err:
         raise ClipkitConfigError(str(err)) from None
     checkpointer = Checkpointer(RunDir(cfg.paths.run_dir).checkpoints)
-    return Inputs(sources, eval_specs, eval_search, preempt_signals, checkpointer.resolve_resume(cfg.trainer.resume))
+    tag = checkpointer.resolve_resume(cfg.trainer.resume)
+    # A requeued job may get another number of nodes: refused here, before any engine, where it cannot follow.
+    universal = tag is not None and checkpointer.check_resume(tag, world_size=world_size,
+                                                              zero_stage=cfg.trainer.zero_stage)
+    return Inputs(sources, eval_specs, eval_search, preempt_signals, tag, universal)
 
 
 @dataclass
@@ -267,7 +275,8 @@ def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Ru
     if cfg.trainer.compile:
         log.info("torch.compile: %s (compiled on the first step)", ", ".join(compile_towers(bundle.model)))
     engine = build_engine(objective, optim_cfg=cfg.optim, sched_cfg=cfg.sched, trainer_cfg=cfg.trainer,
-                          global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size)
+                          global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size,
+                          load_universal=inputs.resume_universal)
     distributed.apply_timeout(timedelta(minutes=cfg.launcher.timeout_minutes))   # DeepSpeed's groups too
     if dist.is_main:
         _write_run_files(run_dir, cfg, bundle)
@@ -288,7 +297,7 @@ def resume(run: Run, tag: str | None) -> None:
     cfg = run.cfg
     data_seed, data_state = cfg.seed, None
     if tag is not None:
-        client_state = run.checkpointer.load(run.engine, tag)
+        client_state = run.checkpointer.load(run.engine, tag, universal=run.inputs.resume_universal)
         run.start_step, data_state = int(client_state["step"]), client_state.get("data")
         if data_state is None:
             # Checkpoints from before exact resume: reshuffle rather than replay step 0's data.

@@ -10,8 +10,11 @@ it stood. Per-source sample counts and skip counts ride along with the batches t
 they reach the trainer's log from worker processes (`stats`).
 
 `data.workers` may change between save and resume when the new value divides
-`data.streams_per_rank` (fixed at the run's first launch); any other change of the data
-layout (ranks, batch size, seed, mode, shard counts) is refused with a one-line error.
+`data.streams_per_rank` (by default the workers of the run's first launch). The number of
+ranks, and `data.streams_per_rank` when set, may change too: the saved streams are then
+re-dealt to the new ones (`clipkit.data.reshard`), so that no sample of a started epoch is
+repeated or skipped. Any other change of the data layout (global batch size, seed, mode,
+shard counts) is refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from torch.utils.data import DataLoader
 
 from clipkit import distributed
 from clipkit.data.decode import Preprocess
-from clipkit.data.stream import MODES, ShardStream, StreamPosition, StreamSettings, Tokenize, check_enough_shards
+from clipkit.data.reshard import StreamPosition, position_from_state, position_to_state, reshard_states
+from clipkit.data.stream import MODES, ShardStream, StreamSettings, Tokenize, check_enough_shards
 from clipkit.data.tar_reader import SKIP_REASONS
 from clipkit.data.urls import Source, expand_sources
 from clipkit.errors import ClipkitConfigError
@@ -68,14 +72,13 @@ def stream_settings(data_cfg: DictConfig, *, world_size: int, saved: dict[str, A
     """`data:` section -> `StreamSettings`; `saved` is this rank's state from a checkpoint."""
     workers = max(1, int(data_cfg.workers))
     streams = data_cfg.get("streams_per_rank") or (saved["streams_per_rank"] if saved else workers)
-    if saved and streams != saved["streams_per_rank"]:
-        raise ClipkitConfigError(f"data.streams_per_rank={streams} cannot resume a run saved with "
-                                 f"{saved['streams_per_rank']} streams per rank; leave it unset")
     if streams % workers:
+        started = saved and not data_cfg.get("streams_per_rank")
         raise ClipkitConfigError(
             f"data.workers={workers} must divide the {streams} data streams per rank "
-            f"{'this run was started with' if saved else '(data.streams_per_rank)'}; "
-            f"use one of {_divisors(streams)}")
+            f"{'this run was started with' if started else '(data.streams_per_rank)'}; "
+            f"use one of {_divisors(streams)}"
+            + (" (or set data.streams_per_rank to re-deal the streams)" if started else ""))
     return StreamSettings(
         batch_size=int(data_cfg.global_batch_size) // world_size, mode=data_cfg.get("mode", "epoch"),
         streams_per_rank=int(streams), shuffle_buffer=int(data_cfg.shuffle_buffer),
@@ -84,8 +87,21 @@ def stream_settings(data_cfg: DictConfig, *, world_size: int, saved: dict[str, A
         read_timeout_s=float(data_cfg.get("read_timeout_s", 60.0)), jpeg_draft=bool(data_cfg.get("jpeg_draft", True)))
 
 
+def key_log_path(keys_dir: Path, rank: int) -> Path:
+    return keys_dir / f"rank{rank:05d}.jsonl"
+
+
+def trim_key_log(path: Path, step: int) -> None:
+    """Drops the lines after `step` (batches a killed run consumed but never saved)."""
+    kept = []
+    if step and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
 class KeyLog:
-    """`data.record_keys=true`: `{"step": s, "keys": ["<url>#<key>", ...]}` per consumed batch, one file per rank.
+    """`data.record_keys=true`: `{"step": s, "keys": ["<url>#<key>", ...], "epochs": [epoch of each key]}`
+    per consumed batch, one file per rank.
 
     Batch s of a rank is the one trained at step s. A resumed run first drops the lines
     after its checkpoint (batches a killed run consumed but never saved), then appends, so
@@ -94,15 +110,11 @@ class KeyLog:
 
     def __init__(self, path: Path, resume_step: int):
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        trim_key_log(path, resume_step)
         self._file = path.open("a", encoding="utf-8")
 
-    def write(self, step: int, keys: Sequence[str]) -> None:
-        self._file.write(json.dumps({"step": step, "keys": list(keys)}) + "\n")
+    def write(self, step: int, keys: Sequence[str], epochs: Sequence[int]) -> None:
+        self._file.write(json.dumps({"step": step, "keys": list(keys), "epochs": list(epochs)}) + "\n")
         self._file.flush()
 
 
@@ -132,7 +144,8 @@ class TrainLoader:
         if state is not None:
             self._check_layout(state)
         self.batches = state["batches"] if state else 0
-        self.positions = [list(p) for p in state["streams"]] if state else [[0, 0] for _ in range(settings.streams_per_rank)]
+        self.positions = ([position_from_state(p) for p in state["streams"]] if state
+                          else [StreamPosition() for _ in range(settings.streams_per_rank)])
         self.samples_per_source = list(state["samples_per_source"]) if state else [0] * len(self.sources)
         self.skipped: Counter[str] = Counter(state["skipped"] if state else {})
         self.keys = KeyLog(keys_path, self.batches) if keys_path is not None else None
@@ -155,7 +168,7 @@ class TrainLoader:
     def state_dict(self) -> dict[str, Any]:
         """This rank's data position after the batches the trainer consumed."""
         return {"version": STATE_VERSION, **self._layout(), "streams_per_rank": self.settings.streams_per_rank,
-                "batches": self.batches, "streams": [list(p) for p in self.positions],
+                "batches": self.batches, "streams": [position_to_state(p) for p in self.positions],
                 "samples_per_source": list(self.samples_per_source), "skipped": dict(self.skipped)}
 
     def gather_state(self) -> dict[str, Any]:
@@ -171,7 +184,7 @@ class TrainLoader:
         counts = torch.tensor([*self.samples_per_source, *(self.skipped[r] for r in SKIP_REASONS)],
                               dtype=torch.float64)
         counts = distributed.all_reduce(counts, "sum").tolist()
-        epoch = distributed.all_reduce(torch.tensor([min(p[0] for p in self.positions)]), "min")
+        epoch = distributed.all_reduce(torch.tensor([min(p.current_epoch for p in self.positions)]), "min")
         record = {f"data/samples/{s.name}": int(n) for s, n in zip(self.sources, counts)}
         record.update({f"data/skipped/{r.replace(' ', '_')}": int(n)
                        for r, n in zip(SKIP_REASONS, counts[len(self.sources):])})
@@ -181,19 +194,19 @@ class TrainLoader:
     def _consume(self, meta: dict[str, Any]) -> None:
         if meta["index"] != self.batches:
             raise RuntimeError(f"data batch {meta['index']} arrived where batch {self.batches} was expected")
-        self.positions[meta["stream"]] = [meta["epoch"], meta["offset"]]
+        self.positions[meta["stream"]] = position_from_state(meta["position"])
         for i, n in enumerate(meta["sources"]):
             self.samples_per_source[i] += n
         self.skipped.update(meta["skipped"])
         self.batches += 1
         self.last_batch_keys = list(meta["keys"])
         if self.keys is not None:
-            self.keys.write(self.batches, meta["keys"])
+            self.keys.write(self.batches, meta["keys"], meta["epochs"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dataset = ShardStream(self.sources, self.settings, preprocess=self.preprocess, tokenize=self.tokenize,
                               rank=self.rank, world_size=self.world_size, seed=self.seed, start_batch=self.batches,
-                              positions=[StreamPosition(*p) for p in self.positions])
+                              positions=self.positions)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available(),
                             worker_init_fn=self.worker_init_fn if self.num_workers else None)
@@ -229,13 +242,22 @@ def _stop_workers(batches: Iterator) -> None:
             worker.join()
 
 
-def rank_state(resume: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's entry of a checkpoint's `client_state["data"]`."""
+def rank_state(resume: dict[str, Any], rank: int, world_size: int, settings: StreamSettings) -> dict[str, Any]:
+    """This rank's entry of a checkpoint's `client_state["data"]`; re-dealt (`reshard_states`) when
+    the checkpoint was written by another number of ranks or of streams per rank."""
     ranks = resume["ranks"]
-    if len(ranks) != world_size:
-        raise ClipkitConfigError(f"the checkpoint's data position was saved by {len(ranks)} ranks; resuming on "
-                                 f"{world_size} would repeat or skip data (resume on {len(ranks)} ranks)")
-    return ranks[rank]
+    saved = ranks[0]
+    if len(ranks) == world_size and saved["streams_per_rank"] == settings.streams_per_rank:
+        return ranks[rank]
+    if any(state.get("version") != STATE_VERSION for state in ranks):
+        raise ClipkitConfigError(f"checkpoint data state version {saved.get('version')} is not {STATE_VERSION}")
+    then, now = saved["batch_size"] * len(ranks), settings.batch_size * world_size
+    if then != now:
+        raise ClipkitConfigError(f"data.global_batch_size was {then} when the checkpoint was written on {len(ranks)} "
+                                 f"ranks and is {now} now; resume on {world_size} ranks with the same global batch")
+    log.info("data: re-dealing %d ranks x %d streams of the checkpoint to %d ranks x %d streams", len(ranks),
+             saved["streams_per_rank"], world_size, settings.streams_per_rank)
+    return reshard_states(ranks, world_size, settings.streams_per_rank)[rank]
 
 
 def build_train_loader(data_cfg: DictConfig, sources: Sequence[Source], *, preprocess: Preprocess,
@@ -246,9 +268,14 @@ def build_train_loader(data_cfg: DictConfig, sources: Sequence[Source], *, prepr
 
     `sources` come from `build_sources(data_cfg)`, checked before the process group exists.
     """
-    saved = rank_state(resume, rank, world_size) if resume is not None else None
-    settings = stream_settings(data_cfg, world_size=world_size, saved=saved)
+    settings = stream_settings(data_cfg, world_size=world_size, saved=resume["ranks"][0] if resume else None)
+    saved = rank_state(resume, rank, world_size, settings) if resume is not None else None
+    if saved is not None and keys_dir is not None and rank == 0:
+        # Ranks the resumed run no longer has: their logs end at the checkpoint too.
+        for path in (key_log_path(keys_dir, gone) for gone in range(world_size, len(resume["ranks"]))):
+            if path.exists():
+                trim_key_log(path, saved["batches"])
     return TrainLoader(sources, settings, preprocess=preprocess, tokenize=tokenize,
                        num_workers=int(data_cfg.workers), rank=rank, world_size=world_size, seed=seed, state=saved,
-                       keys_path=keys_dir / f"rank{rank:05d}.jsonl" if keys_dir is not None else None,
+                       keys_path=key_log_path(keys_dir, rank) if keys_dir is not None else None,
                        worker_init_fn=worker_init_fn)

@@ -15,6 +15,11 @@ rank, k) and a position within the epoch, counted in samples that left the shuff
 stream i % K's next batch, whichever dataloader worker builds it, so the rank's batch
 sequence does not depend on the number of workers W as long as W divides K
 (`data.streams_per_rank`, by default the workers of the run's first launch).
+
+What a stream reads in one epoch is a `Share` of (epoch, world size, K, rank, stream). A run
+resumed on another number of ranks (or K) first reads the shares the old layout left
+unfinished, dealt to its streams as "pending" shares of their positions
+(`clipkit.data.reshard`), then its own.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipkit.data.decode import DECODE_ERRORS, ImageDecoder, Preprocess
+from clipkit.data.reshard import Share, StreamPosition, position_to_state, walk
 from clipkit.data.tar_reader import SOURCE_FAILURES, RawSample, ShardReader
 from clipkit.data.urls import Source
 from clipkit.errors import ClipkitConfigError
@@ -60,14 +66,6 @@ class StreamSettings:
     jpeg_draft: bool = True
     image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     text_ext: str = "txt"
-
-
-@dataclass
-class StreamPosition:
-    """Where a stream resumes: `offset` samples of `epoch` have been consumed."""
-
-    epoch: int = 0
-    offset: int = 0
 
 
 def check_enough_shards(num_shards: int, world_size: int, streams_per_rank: int) -> None:
@@ -101,7 +99,7 @@ def batch_seed(seed: int, rank: int, stream: int, batch: int) -> int:
 class _Cursor:
     """One stream inside a worker: its sample iterator and the skips since its last batch."""
 
-    def __init__(self, reader: ShardReader, samples: Iterator[tuple[int, int, RawSample]]):
+    def __init__(self, reader: ShardReader, samples: Iterator[tuple[StreamPosition, RawSample]]):
         self.reader = reader
         self.samples = samples
         self.undecodable_in_a_row = 0
@@ -112,8 +110,10 @@ class ShardStream(IterableDataset):
 
     `start_batch` batches were consumed before; `positions[k]` is stream k's position after
     them. `meta` says which batch this is and where its stream stands after it:
-    `{"index", "stream", "epoch", "offset", "keys", "sources": [count per source],
-    "skipped": {reason: count since the stream's previous batch}}`.
+    `{"index", "stream", "epoch", "offset", "position", "keys", "epochs", "sources": [count per
+    source], "skipped": {reason: count since the stream's previous batch}}`: `position` is the
+    whole position (`clipkit.data.reshard.position_to_state`), `epoch` and `offset` its current
+    share's, `epochs` the epoch of each key.
     """
 
     def __init__(self, sources: Sequence[Source], settings: StreamSettings, *, preprocess: Preprocess,
@@ -142,25 +142,42 @@ class ShardStream(IterableDataset):
 
     # -- which shards a stream reads ------------------------------------------------------
 
-    def shards_for(self, epoch: int, stream: int) -> list[tuple[str, int]]:
-        """Epoch mode: `(url, source)` of this rank's `stream`-th share of epoch `epoch`."""
-        shards = list(self.shards)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
-        return shards[self.rank::self.world_size][stream::self.settings.streams_per_rank]
+    def own_share(self, epoch: int, stream: int) -> Share:
+        """This rank's `stream`-th share of epoch `epoch` in the run's own layout."""
+        return Share(epoch, self.world_size, self.settings.streams_per_rank, self.rank, stream)
 
-    def draws(self, epoch: int, stream: int) -> Iterator[tuple[str, int]]:
-        """Resampled mode: endless `(url, source)` drawn with replacement by source weight."""
-        rng = random.Random(f"draw/{self.seed}/{epoch}/{self.rank}/{stream}")
+    def share_shards(self, share: Share) -> list[tuple[str, int]]:
+        """Epoch mode: `(url, source)` of `share`: its rank's part of its epoch's shuffled shard
+        list (the same on every rank), then its stream's part of that."""
+        shards = list(self.shards)
+        random.Random(self.seed * 1_000_003 + share.epoch).shuffle(shards)
+        return shards[share.rank::share.world_size][share.stream::share.streams_per_rank]
+
+    def share_draws(self, share: Share) -> Iterator[tuple[str, int]]:
+        """Resampled mode: `share`'s endless `(url, source)`, drawn with replacement by source weight."""
+        rng = random.Random(f"draw/{self.seed}/{share.epoch}/{share.rank}/{share.stream}")
         indices, weights = range(len(self.sources)), [source.weight for source in self.sources]
         while True:
             source = rng.choices(indices, weights)[0]
             yield rng.choice(self.sources[source].urls), source
 
-    def epoch_length(self) -> int | None:
-        """Resampled mode: samples per stream per virtual epoch (None in epoch mode)."""
+    def share_length(self, share: Share) -> int | None:
+        """Resampled mode: samples in `share`, its slice of the virtual epoch (None in epoch mode)."""
         if self.settings.mode == "epoch":
             return None
-        return math.ceil(self.settings.epoch_samples / (self.world_size * self.settings.streams_per_rank))
+        return math.ceil(self.settings.epoch_samples / (share.world_size * share.streams_per_rank))
+
+    def shards_for(self, epoch: int, stream: int) -> list[tuple[str, int]]:
+        """Epoch mode: `(url, source)` of this rank's `stream`-th share of epoch `epoch`."""
+        return self.share_shards(self.own_share(epoch, stream))
+
+    def draws(self, epoch: int, stream: int) -> Iterator[tuple[str, int]]:
+        """Resampled mode: endless `(url, source)` of this rank's `stream` in virtual epoch `epoch`."""
+        return self.share_draws(self.own_share(epoch, stream))
+
+    def epoch_length(self) -> int | None:
+        """Resampled mode: samples per stream per virtual epoch (None in epoch mode)."""
+        return self.share_length(self.own_share(0, 0))
 
     # -- samples ---------------------------------------------------------------------------
 
@@ -188,36 +205,49 @@ class ShardStream(IterableDataset):
                     f"no usable sample (last: {url}: {reader.failure or 'no usable sample'}; skipped so far: "
                     f"{dict(reader.skipped)})")
 
-    def epoch_samples(self, stream: int, epoch: int, reader: ShardReader, failed: dict[int, set[str]]
-                      ) -> Iterator[RawSample]:
-        """One epoch of one stream, in shuffle-buffer order (no image decoded yet)."""
-        shards = self.shards_for(epoch, stream) if self.settings.mode == "epoch" else self.draws(epoch, stream)
-        rng = random.Random(f"shuffle/{self.seed}/{epoch}/{self.rank}/{stream}")
+    def share_samples(self, share: Share, reader: ShardReader, failed: dict[int, set[str]]) -> Iterator[RawSample]:
+        """The samples of one share, in shuffle-buffer order (no image decoded yet)."""
+        if self.settings.mode == "epoch":
+            shards: Iterable[tuple[str, int]] = self.share_shards(share)
+        else:
+            shards = self.share_draws(share)
+        rng = random.Random(f"shuffle/{self.seed}/{share.epoch}/{share.rank}/{share.stream}")
         samples = _shuffled(self._read(shards, reader, failed), self.settings.shuffle_buffer, rng)
-        length = self.epoch_length()
+        length = self.share_length(share)
         return samples if length is None else islice(samples, length)
 
-    def samples_from(self, stream: int, position: StreamPosition, reader: ShardReader
-                     ) -> Iterator[tuple[int, int, RawSample]]:
-        """`(epoch, offset after it, sample)` forever, starting at `position`.
+    def epoch_samples(self, stream: int, epoch: int, reader: ShardReader, failed: dict[int, set[str]]
+                      ) -> Iterator[RawSample]:
+        """One epoch of one of this rank's streams, in shuffle-buffer order (no image decoded yet)."""
+        return self.share_samples(self.own_share(epoch, stream), reader, failed)
 
-        The first `position.offset` samples of its epoch are skipped undecoded; the skips
-        counted while passing them were already counted by the run that consumed them.
+    def _share_from(self, share: Share, skip: int, stream: int, reader: ShardReader, failed: dict[int, set[str]]
+                    ) -> Iterator[tuple[int, RawSample]]:
+        """`(offset after it, sample)` of `share` after its first `skip` samples, which are passed
+        over undecoded; the skips counted while passing them were counted by the run that
+        consumed them, so they are dropped again."""
+        before = Counter(reader.skipped) if skip else None
+        offset = 0
+        for offset, sample in enumerate(self.share_samples(share, reader, failed), start=1):
+            if offset > skip:
+                yield offset, sample
+            elif offset == skip:
+                reader.skipped.clear()
+                reader.skipped.update(before)
+        if offset < skip:
+            raise ClipkitConfigError(
+                f"cannot resume data stream {stream}: epoch {share.epoch} now has {offset} samples, the checkpoint "
+                f"consumed {skip}; the shards changed since it was written")
+
+    def samples_from(self, stream: int, position: StreamPosition, reader: ShardReader
+                     ) -> Iterator[tuple[StreamPosition, RawSample]]:
+        """`(position after it, sample)` forever, starting at `position` (its pending shares first).
+
+        The samples of a share before its offset are skipped undecoded.
         """
-        epoch, skip = position.epoch, position.offset
         failed: dict[int, set[str]] = {}
-        while True:
-            offset = 0
-            for offset, sample in enumerate(self.epoch_samples(stream, epoch, reader, failed), start=1):
-                if offset > skip:
-                    yield epoch, offset, sample
-                elif offset == skip:
-                    reader.skipped.clear()
-            if offset < skip:
-                raise ClipkitConfigError(
-                    f"cannot resume data stream {stream}: epoch {epoch} now has {offset} samples, the checkpoint "
-                    f"consumed {skip}; the shards changed since it was written")
-            epoch, skip = epoch + 1, 0
+        return walk(position, lambda epoch: self.own_share(epoch, stream),
+                    lambda share, skip: self._share_from(share, skip, stream, reader, failed))
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -245,22 +275,24 @@ class ShardStream(IterableDataset):
         """Batch `index` of this rank: the next `batch_size` decodable samples of stream `index % K`."""
         k = self.settings.streams_per_rank
         stream = index % k
-        images, captions, keys, per_source = [], [], [], [0] * len(self.sources)
+        images, captions, keys, epochs, per_source = [], [], [], [], [0] * len(self.sources)
         # Random augmentations draw from torch's global RNG: seed it per batch (and restore
         # it afterwards, which matters with workers=0) so a resumed run augments the same.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch_seed(self.seed, self.rank, stream, index // k))
             while len(images) < self.settings.batch_size:
-                epoch, offset, sample = next(cursor.samples)
+                position, sample = next(cursor.samples)
                 image = self._decode(cursor, sample)
                 if image is None:
                     continue
                 images.append(image)
                 captions.append(sample.caption)
                 keys.append(f"{sample.url}#{sample.key}")
+                epochs.append(position.current_epoch)
                 per_source[sample.source] += 1
-        meta = {"index": index, "stream": stream, "epoch": epoch, "offset": offset, "keys": keys,
-                "sources": per_source, "skipped": dict(cursor.reader.skipped)}
+        meta = {"index": index, "stream": stream, "epoch": position.current_epoch,
+                "offset": position.current_offset, "position": position_to_state(position), "keys": keys,
+                "epochs": epochs, "sources": per_source, "skipped": dict(cursor.reader.skipped)}
         cursor.reader.skipped.clear()
         return torch.stack(images), self.tokenize(captions), meta
 

@@ -3,6 +3,8 @@
 import itertools
 import json
 import multiprocessing
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,11 +79,84 @@ def test_a_changed_data_layout_is_refused(two_sources):
     saved = loader(two_sources, "epoch", 0, 0).state_dict()
     with pytest.raises(ClipkitConfigError, match="data.global_batch_size / ranks was 3 .* and is 4 now"):
         loader(two_sources, "epoch", 0, 0, state=saved, batch_size=4)
-    with pytest.raises(ClipkitConfigError, match="saved by 2 ranks; resuming on 4"):
-        rank_state({"ranks": [saved, saved]}, rank=0, world_size=4)
+    with pytest.raises(ClipkitConfigError, match="data.global_batch_size was 6 when the checkpoint was written on 2 "
+                                                 "ranks and is 12 now; resume on 4 ranks with the same global batch"):
+        rank_state({"ranks": [saved, saved]}, rank=0, world_size=4, settings=settings("epoch", batch_size=3))
     shorter = [two_sources[0], Source("b", two_sources[1].urls[:3])]
     with pytest.raises(ClipkitConfigError, match=r"shard count per source\) was \[4, 4\] .* is \[4, 3\]"):
         loader(shorter, "epoch", 0, 0, state=saved)
+
+
+def sized_loader(sources, world_size, rank, streams, workers, batch_size, state=None, keys_path=None):
+    return TrainLoader(sources, settings("epoch", batch_size=batch_size, streams_per_rank=streams),
+                       preprocess=noisy_preprocess, tokenize=tokenize, num_workers=workers, rank=rank,
+                       world_size=world_size, seed=7, state=state, keys_path=keys_path)
+
+
+def logged(paths) -> list[tuple[str, int]]:
+    return [(key, epoch) for path in paths for r in map(json.loads, path.read_text().splitlines())
+            for key, epoch in zip(r["keys"], r["epochs"], strict=True)]
+
+
+@pytest.mark.parametrize("world_size, streams, workers", [(1, 2, 2), (3, 2, 1), (3, 1, 1), (2, 3, 0), (6, 1, 0)])
+def test_a_run_resized_reads_every_sample_of_each_epoch_once(two_sources, tmp_path, world_size, streams, workers):
+    """2 ranks x 2 streams (batch 3) -> `world_size` ranks x `streams`, with the global batch of 6 kept.
+    Each epoch has 40 samples, 10 per old stream: after 7 batches stream 0 of a rank is in epoch 1
+    and stream 1 still in epoch 0."""
+    every_key = {f"{url}#{int(Path(url).stem)}_{i}" for source in two_sources for url in source.urls for i in range(5)}
+    first = [sized_loader(two_sources, 2, rank, 2, 2, 3, keys_path=tmp_path / f"old{rank}.jsonl") for rank in range(2)]
+    for train in first:
+        take(train, 7)
+    saved = {"ranks": [train.state_dict() for train in first]}
+    assert [[p[0] for p in state["streams"]] for state in saved["ranks"]] == [[1, 0], [1, 0]]
+    new_settings = settings("epoch", batch_size=6 // world_size, streams_per_rank=streams)
+    states = [rank_state(saved, rank, world_size, new_settings) for rank in range(world_size)]
+    second = [sized_loader(two_sources, world_size, rank, streams, workers, 6 // world_size, state=states[rank],
+                           keys_path=tmp_path / f"new{rank}.jsonl") for rank in range(world_size)]
+    for train in second:
+        take(train, 20)   # 2 x 7 x 3 + 20 x 6 samples: 4 epochs
+    read = logged([tmp_path / f"old{r}.jsonl" for r in range(2)] + [tmp_path / f"new{r}.jsonl" for r in range(world_size)])
+    finished = min(p.current_epoch for train in second for p in train.positions)
+    assert finished >= 2
+    for epoch in range(max(e for _, e in read) + 1):
+        counts = Counter(key for key, e in read if e == epoch)
+        assert counts == Counter(every_key) if epoch < finished else max(counts.values()) == 1, epoch
+    # The per-source counters went on from the checkpoint's, summed over the old ranks.
+    assert sum(sum(train.samples_per_source) for train in second) == 2 * 7 * 3 + world_size * 20 * 6 // world_size
+    assert all(train.batches == 27 for train in second)
+
+
+def test_resampled_run_resized_reads_each_virtual_epoch_in_full(two_sources):
+    """Resampled: the draws of a virtual epoch are not distinct samples; what is exact is their
+    number: each finished virtual epoch yields all its draws (2 x 2 old streams x ceil(30 / 4) = 32)."""
+    def make(world_size, rank, streams, batch_size, state=None):
+        return TrainLoader(two_sources, settings("resampled", batch_size=batch_size, streams_per_rank=streams),
+                           preprocess=noisy_preprocess, tokenize=tokenize, num_workers=0, rank=rank,
+                           world_size=world_size, seed=7, state=state)
+
+    first = [make(2, rank, 2, 3) for rank in range(2)]
+    old_reads = [meta_epochs(train, 5) for train in first]
+    saved = {"ranks": [train.state_dict() for train in first]}
+    states = [rank_state(saved, rank, 3, settings("resampled", batch_size=2, streams_per_rank=1)) for rank in range(3)]
+    new_reads = [meta_epochs(make(3, rank, 1, 2, state=states[rank]), 25) for rank in range(3)]
+    per_epoch = Counter(epoch for reads in old_reads + new_reads for epoch in reads)
+    # Stream 0 of each old rank had started virtual epoch 1: epochs 0 and 1 are the old layout's,
+    # epoch 2 the new one's (3 streams x ceil(30 / 3)).
+    assert (per_epoch[0], per_epoch[1], per_epoch[2]) == (32, 32, 30)
+
+
+def meta_epochs(train, batches) -> list[int]:
+    """Epoch of every sample of the next `batches` batches (through the key log's source, the batch meta)."""
+    epochs = []
+    original = train._consume
+    train._consume = lambda meta: (epochs.extend(meta["epochs"]), original(meta))
+    take(train, batches)
+    return epochs
+
+
+def test_the_same_layout_resumes_from_the_saved_state_as_it_is(two_sources):
+    saved = {"ranks": [loader(two_sources, "epoch", 0, rank).state_dict() for rank in range(2)]}
+    assert rank_state(saved, 1, 2, settings("epoch")) is saved["ranks"][1]
 
 
 def test_counts_from_worker_processes_reach_stats(tmp_path):
