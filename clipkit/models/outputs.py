@@ -53,16 +53,28 @@ def image_token_features(visual: nn.Module, images: torch.Tensor, drop_last: int
     return tokens @ visual.proj if visual.proj is not None else tokens
 
 
+def _text_positions(model: nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """[b, L] token ids -> [b, L, w] per-position outputs of a CLIP text tower (after `ln_final`,
+    not projected), as in open_clip's `CLIP.encode_text`. L may be shorter than the context:
+    the positional embedding and the causal mask are cut to it."""
+    length = text.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    return model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+
+
+def _project_text(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[..., w] -> [..., D] by the text tower's projection (a Linear or a matrix), if it has one."""
+    projection = model.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
 def text_token_features(model: nn.Module, text: torch.Tensor, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """[b, L] token ids -> ([b, L, D] per-position features in the joint width, [b, L] bool
     mask of real tokens). Mirrors open_clip's `CLIP.encode_text` minus the pooling."""
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding.to(cast_dtype)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
-    projection = model.text_projection
-    if projection is not None:
-        x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
-    return x, text != pad_id
+    return _project_text(model, _text_positions(model, text)), text != pad_id
 
 
 def trimmable_text_length(model: nn.Module, text: torch.Tensor, pad_id: int = 0, multiple: int = 1) -> int | None:
@@ -100,11 +112,6 @@ def encode_text_pooled(model: nn.Module, text: torch.Tensor, pad_id: int = 0) ->
     if length is None:
         return model.encode_text(text)
     text = text[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    projection = model.text_projection
-    if projection is not None:
-        x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
-    return x
+    pooled = text_global_pool(_text_positions(model, text), text, model.text_pool_type,
+                              eos_token_id=getattr(model, "text_eos_id", None))
+    return _project_text(model, pooled)
