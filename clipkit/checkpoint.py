@@ -57,10 +57,6 @@ _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_
 _RUN_FILES = ("config.yaml", OPEN_CLIP_CONFIG)
 # checkpoints/universal/<tag>: DeepSpeed's universal form of <tag>, for a resume on another number of ranks.
 UNIVERSAL = "universal"
-# ZeRO stages whose checkpoints resume on another number of ranks (tests/e2e/test_resize_resume.py).
-# 0: rank 0's model states hold the whole optimizer; 1-3: DeepSpeed's universal checkpoint, with
-# two repairs after ZeRO-3's load (`restore_param_groups`, `unshare_step_counts`).
-RESIZABLE_ZERO_STAGES = (0, 1, 2, 3)
 # Objective parameters that open_clip keeps on the model itself rather than in a loss: each
 # clipkit loss holds them in its `temperature` (a `clipkit.losses.logit_scale.LogitScale`).
 _LOSS_TO_OPEN_CLIP = {"loss.temperature.logit_scale": "logit_scale", "loss.temperature.logit_bias": "logit_bias"}
@@ -157,8 +153,7 @@ def check_resume_layout(saved: SavedLayout, tag: str, *, world_size: int, zero_s
     """Whether resuming checkpoint `tag` on `world_size` ranks at ZeRO `zero_stage` needs DeepSpeed's
     universal checkpoint (the engine is then built with `checkpoint.load_universal`).
 
-    Raises a one-line ClipkitConfigError when the number of ranks changed at a stage that cannot
-    follow it, or together with the ZeRO stage.
+    Raises a one-line ClipkitConfigError when the number of ranks changed together with the ZeRO stage.
     """
     if saved.world_size == world_size:
         return False
@@ -166,9 +161,9 @@ def check_resume_layout(saved: SavedLayout, tag: str, *, world_size: int, zero_s
     if zero_stage != saved.zero_stage:
         raise ClipkitConfigError(f"{moved}; resume it on {world_size} ranks at the same stage "
                                  f"(trainer.zero_stage={saved.zero_stage})")
-    if zero_stage not in RESIZABLE_ZERO_STAGES:
-        raise ClipkitConfigError(f"{moved}; resuming on {world_size} ranks works at ZeRO stages "
-                                 f"{', '.join(map(str, RESIZABLE_ZERO_STAGES))} only: resume on {saved.world_size} ranks")
+    # Every stage follows (tests/e2e/test_resize_resume.py): 0 as saved, since rank 0's model states
+    # hold the whole optimizer; 1-3 through DeepSpeed's universal checkpoint, with two repairs after
+    # ZeRO-3's load (`restore_param_groups`, `unshare_step_counts`).
     return zero_stage > 0
 
 
