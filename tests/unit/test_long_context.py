@@ -301,3 +301,12 @@ def test_the_export_is_one_248_position_tensor_open_clip_loads_with_the_same_tex
     with torch.no_grad():
         torch.testing.assert_close(model.eval().encode_text(tokens), engine_results[stage]["features"],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_pos_stretch_is_checked_against_its_schema():
+    from clipkit.schema import load_section
+
+    assert load_section(PosStretchConfig, {"mode": "uniform"}, "model.pos_stretch") == \
+        PosStretchConfig(mode="uniform", keep=20, ratio=4.0, freeze_kept=None)
+    with pytest.raises(ClipkitConfigError, match="model.pos_stretch.kep is not a key.*did you mean model.pos_stretch.keep"):
+        load_section(PosStretchConfig, {"kep": 10}, "model.pos_stretch")
