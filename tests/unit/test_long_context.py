@@ -191,6 +191,7 @@ def test_the_trimmed_text_tower_is_exact_at_248_and_for_77_token_texts(pretraine
 # ---- the real DeepSpeed engine: freezing, checkpoint, export, resume (gloo, one process) ----
 
 STAGES = [0, 2, 3]
+BF16_STAGES = [0, 2]
 
 
 def _objective(path):
@@ -202,12 +203,13 @@ def _objective(path):
     return bundle, ContrastiveObjective(bundle.model, ClipLoss())
 
 
-def _engine(objective, stage):
+def _engine(objective, stage, precision="fp32"):
     from clipkit.engine import build_optimizer, initialize_engine, render_deepspeed_config
 
     # A large lr and weight decay: decay alone would move every row it reached.
     optimizer = build_optimizer(objective, lr=1e-2, weight_decay=0.5, betas=(0.9, 0.98), eps=1e-6)
-    ds = render_deepspeed_config(global_batch_size=4, world_size=1, zero_stage=stage, precision="fp32", grad_clip=1.0)
+    ds = render_deepspeed_config(global_batch_size=4, world_size=1, zero_stage=stage, precision=precision,
+                                 grad_clip=1.0)
     return initialize_engine(objective, optimizer, None, ds)
 
 
@@ -261,6 +263,16 @@ def _engine_worker(rank, port, pretrained, root, out_path):
         results[stage] = {"before": before, "after": after, "resumed": _full_positions(resumed), "features": features,
                           "export": str(export_open_clip(run))}
         resumed.destroy()
+    for stage in BF16_STAGES:   # frozen parameters stay bf16 copies; they must not move either
+        bundle, objective = _objective(pretrained)
+        engine = _engine(objective, stage, "bf16")
+        before = _full_positions(engine)
+        for _ in range(3):
+            loss, _ = engine(images, bundle.tokenizer(CAPTIONS))
+            engine.backward(loss)
+            engine.step()
+        results[("bf16", stage)] = {"before": before, "after": _full_positions(engine)}
+        engine.destroy()
     torch.save(results, out_path)
 
 
@@ -283,6 +295,13 @@ def test_kept_rows_stay_bit_identical_under_adamw_decay_and_zero(engine_results,
     moved = (after[20:] != before[20:]).any(dim=1)
     assert bool(moved.all()), f"{int((~moved).sum())} trained rows did not move"
     assert torch.equal(engine_results[stage]["resumed"], after)
+
+
+@pytest.mark.parametrize("stage", BF16_STAGES)
+def test_kept_rows_stay_bit_identical_in_bf16(engine_results, stage):
+    before, after = engine_results[("bf16", stage)]["before"], engine_results[("bf16", stage)]["after"]
+    assert torch.equal(after[:20], before[:20])
+    assert bool((after[20:].float() != before[20:].float()).any(dim=1).all())
 
 
 @pytest.mark.parametrize("stage", STAGES)
