@@ -329,3 +329,14 @@ def test_pos_stretch_is_checked_against_its_schema():
         PosStretchConfig(mode="uniform", keep=20, ratio=4.0, freeze_kept=None)
     with pytest.raises(ClipkitConfigError, match="model.pos_stretch.kep is not a key.*did you mean model.pos_stretch.keep"):
         load_section(PosStretchConfig, {"kep": 10}, "model.pos_stretch")
+
+
+def test_lit_text_lock_covers_the_trained_positions(pretrained_77):
+    from clipkit.models import lock_towers
+    from clipkit.models.positions import trained_positions
+    from clipkit.schema import LockTextConfig
+
+    for unlocked, trainable in ((0, False), (4, True)):   # 4 groups: embeddings, block 0, block 1 + ln, projection
+        model = build_model(NAME, config=CONFIG, pretrained=str(pretrained_77[0]), context_length=248).model
+        lock_towers(model, image=None, text=LockTextConfig(unlocked_layers=unlocked))
+        assert trained_positions(model).requires_grad is trainable is model.token_embedding.weight.requires_grad
