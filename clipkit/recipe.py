@@ -44,7 +44,7 @@ from clipkit.objective import ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
 from clipkit.preemption import Preempted, PreemptionWatch, ignore_preemption_signals, parse_signals, requeue_slurm_job
 from clipkit.run_dir import RunDir, atomic_write_text
-from clipkit.schema import LockImageConfig, LockTextConfig, TeacherConfig, load_section
+from clipkit.schema import LockImageConfig, LockTextConfig, PosStretchConfig, TeacherConfig, load_section
 from clipkit.trainer import NONFINITE_POLICIES, Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ def build_towers(model_cfg: DictConfig) -> ModelBundle:
     """`model:` section -> open_clip towers (LiT locks, FLIP patch dropout and activation
     checkpointing applied), transforms and tokenizer."""
     bundle = build_model(model_cfg.name, pretrained=model_cfg.pretrained, config=_plain(model_cfg.config),
-                         patch_dropout=model_cfg.patch_dropout)
+                         patch_dropout=model_cfg.patch_dropout, context_length=model_cfg.get("context_length"),
+                         pos_stretch=_section(PosStretchConfig, model_cfg.get("pos_stretch"), "model.pos_stretch"))
     lock_towers(bundle.model, image=_section(LockImageConfig, model_cfg.lock_image, "model.lock_image"),
                 text=_section(LockTextConfig, model_cfg.lock_text, "model.lock_text"))
     if model_cfg.grad_checkpointing:

@@ -243,7 +243,7 @@ def _engine_worker(rank, port, pretrained, root, out_path):
         engine = _engine(objective, stage)
         before = _full_positions(engine)
         for _ in range(3):
-            loss, _ = engine(images, tokens)
+            loss, _ = engine({"image": images, "text": tokens})
             engine.backward(loss)
             engine.step()
         after = _full_positions(engine)
@@ -268,7 +268,7 @@ def _engine_worker(rank, port, pretrained, root, out_path):
         engine = _engine(objective, stage, "bf16")
         before = _full_positions(engine)
         for _ in range(3):
-            loss, _ = engine(images, bundle.tokenizer(CAPTIONS))
+            loss, _ = engine({"image": images, "text": bundle.tokenizer(CAPTIONS)})
             engine.backward(loss)
             engine.step()
         results[("bf16", stage)] = {"before": before, "after": _full_positions(engine)}
