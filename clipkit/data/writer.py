@@ -418,7 +418,7 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
 
 def _text_cell(value: Any) -> str | list[str] | None:
     """A text column's cell: a string, a list of strings (Parquet lists; in a CSV a JSON list), or None."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
