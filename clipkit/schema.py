@@ -10,7 +10,7 @@ worker exists (`clipkit.config.preflight`, and again at the entry point):
 - `validate(cfg)` checks what a merge cannot: keys added with `+`/`++` or in a user's own YAML,
   and the sub-dicts Hydra keeps untyped (`Any`, so `model.lock_image={unlocked_groups: 1}`
   replaces a null): `model.lock_image`, `model.lock_text`, `model.teacher` and each
-  `eval.sets.<name>` and each `data.texts.<role>` against their dataclasses below; the loss against its `_target_` class's
+  `eval.sets.<name>` against their dataclasses below; the loss against its `_target_` class's
   constructor (the class signature is the loss's schema); `logger.wandb` against `WandbLogger`'s
   keyword arguments. `model.config` (an open_clip model config) stays free.
 
@@ -79,8 +79,9 @@ class ModelConfig:
 
 @dataclass
 class TextRoleConfig:
-    """One `data.texts.<role>`: where a role's texts come from and how many a step takes
-    (checked further and used by `clipkit.data.texts`; see docs/texts.md)."""
+    """One `data.texts.<role>`: where a role's texts come from and how many a step takes. `validate`
+    checks each role of the untyped `data.texts` against it, then by `clipkit.data.texts`'s rules
+    (docs/texts.md)."""
 
     sources: List[str] = MISSING      # tar member extensions (txt, long.txt) or json:<field> (dotted path)
     k: int = 1                        # texts per image per step; missing ones are padded and masked
