@@ -91,6 +91,22 @@ class ModelConfig:
 
 
 @dataclass
+class TextRoleConfig:
+    """One `data.texts.<role>`: where a role's texts come from and how many a step takes. `validate`
+    checks each role of the untyped `data.texts` against it, then by `clipkit.data.texts`'s rules
+    (docs/texts.md)."""
+
+    sources: List[str] = MISSING      # tar member extensions (txt, long.txt) or json:<field> (dotted path)
+    k: int = 1                        # texts per image per step; missing ones are padded and masked
+    select: str = "as_is"             # as_is | sample | subcaptions
+    probs: Optional[List[float]] = None   # select=sample: one weight per source
+    merge: List[int] = field(default_factory=lambda: [1, 3])   # subcaptions: sentences per sub-caption [lo, hi]
+    context_length: Optional[int] = None  # tokens for this role; None: the model's context length
+    required: bool = True             # a sample without a usable text of this role is skipped (counted)
+    negative: bool = False            # hard negatives, never positives
+
+
+@dataclass
 class DataConfig:
     """`data:`; each key is documented in conf/data/webdataset.yaml."""
 
@@ -109,6 +125,7 @@ class DataConfig:
     read_timeout_s: float = 60.0      # a shard read that stalls this long counts as failed
     jpeg_draft: bool = True
     record_keys: bool = False
+    texts: Any = None                 # {role: TextRoleConfig} or None (one caption per sample from txt)
 
 
 @dataclass
@@ -476,6 +493,23 @@ def _check_loss(loss: DictConfig) -> None:
     _check_keys(loss.keys(), _loss_signature(str(loss._target_)), "loss", f"{loss._target_} needs it")
 
 
+def _check_texts(data: DictConfig) -> None:
+    """`data.texts`: each role against `TextRoleConfig`, then the rules of `clipkit.data.texts`
+    (only the keys and types while an interpolation in it cannot be resolved yet)."""
+    from clipkit.data.texts import roles_from_config
+
+    raw = _raw(data, "texts")
+    if raw is None:
+        return
+    try:
+        resolved = OmegaConf.to_container(data.texts, resolve=True) if OmegaConf.is_config(data.texts) else raw
+    except OmegaConfBaseException:
+        for name, role in (raw.items() if isinstance(raw, dict) else ()):
+            _merged(TextRoleConfig, role if role is not None else {}, f"data.texts.{name}")
+        return
+    roles_from_config(resolved)
+
+
 def _check_wandb(wandb: Any) -> None:
     if wandb is None:
         return
@@ -496,5 +530,6 @@ def validate(cfg: DictConfig, config_name: str = "train") -> None:
     for name in cfg.eval.sets.keys():
         _merged(EvalSetConfig, _raw(cfg.eval.sets, name), f"eval.sets.{name}")
     if config_name == "train":
+        _check_texts(cfg.data)
         _check_loss(cfg.loss)
         _check_wandb(_raw(cfg.logger, "wandb"))

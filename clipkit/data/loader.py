@@ -9,6 +9,9 @@ rank (`gather_state`, in `client_state["data"]`); a resumed run passes it back t
 it stood. Per-source sample counts and skip counts ride along with the batches too, so
 they reach the trainer's log from worker processes (`stats`).
 
+Batches are dicts of tensors (`clipkit.data.stream.ShardStream`): `{"image", "text"}`, or with
+text roles (`data.texts`) `{"image", "text_<role>", "text_<role>_valid", ...}`.
+
 `data.workers` may change between save and resume when the new value divides
 `data.streams_per_rank` (by default the workers of the run's first launch). The number of
 ranks, and `data.streams_per_rank` when set, may change too: the saved streams are then
@@ -33,8 +36,9 @@ from torch.utils.data import DataLoader
 from clipkit import distributed
 from clipkit.data.decode import Preprocess
 from clipkit.data.reshard import StreamPosition, position_from_state, position_to_state, reshard_states
-from clipkit.data.stream import MODES, ShardStream, StreamSettings, Tokenize, check_enough_shards
+from clipkit.data.stream import MODES, Batch, ShardStream, StreamSettings, Tokenize, check_enough_shards
 from clipkit.data.tar_reader import SKIP_REASONS
+from clipkit.data.texts import TextRole, role_skip_reasons, roles_from_config
 from clipkit.data.urls import Source, expand_sources
 from clipkit.errors import ClipkitConfigError
 from clipkit.run_dir import atomic_write_text
@@ -68,6 +72,12 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def skip_reasons(roles: Sequence[TextRole] | None) -> tuple[str, ...]:
+    """Every skip reason a reader with these text roles counts, in the order `TrainLoader.stats` sums them
+    (the same on every rank): `SKIP_REASONS`, then the roles' (`clipkit.data.texts.role_skip_reasons`)."""
+    return SKIP_REASONS + role_skip_reasons(roles)
+
+
 def stream_settings(data_cfg: DictConfig, *, world_size: int, saved: dict[str, Any] | None = None) -> StreamSettings:
     """`data:` section -> `StreamSettings`; `saved` is this rank's state from a checkpoint."""
     workers = max(1, int(data_cfg.workers))
@@ -84,7 +94,8 @@ def stream_settings(data_cfg: DictConfig, *, world_size: int, saved: dict[str, A
         streams_per_rank=int(streams), shuffle_buffer=int(data_cfg.shuffle_buffer),
         epoch_samples=data_cfg.get("epoch_samples"), open_retries=int(data_cfg.get("open_retries", 3)),
         retry_delay_s=float(data_cfg.get("retry_delay_s", 2.0)),
-        read_timeout_s=float(data_cfg.get("read_timeout_s", 60.0)), jpeg_draft=bool(data_cfg.get("jpeg_draft", True)))
+        read_timeout_s=float(data_cfg.get("read_timeout_s", 60.0)), jpeg_draft=bool(data_cfg.get("jpeg_draft", True)),
+        texts=roles_from_config(data_cfg.get("texts")))
 
 
 def key_log_path(keys_dir: Path, rank: int) -> Path:
@@ -101,7 +112,8 @@ def trim_key_log(path: Path, step: int) -> None:
 
 class KeyLog:
     """`data.record_keys=true`: `{"step": s, "keys": ["<url>#<key>", ...], "epochs": [epoch of each key]}`
-    per consumed batch, one file per rank.
+    per consumed batch, one file per rank; with text roles also `"texts": {role: per key, per chosen
+    text its indices}` (indices into the role's pool, or into its sentences for select: subcaptions).
 
     Batch s of a rank is the one trained at step s. A resumed run first drops the lines
     after its checkpoint (batches a killed run consumed but never saved), then appends, so
@@ -113,13 +125,18 @@ class KeyLog:
         trim_key_log(path, resume_step)
         self._file = path.open("a", encoding="utf-8")
 
-    def write(self, step: int, keys: Sequence[str], epochs: Sequence[int]) -> None:
-        self._file.write(json.dumps({"step": step, "keys": list(keys), "epochs": list(epochs)}) + "\n")
+    def write(self, step: int, keys: Sequence[str], epochs: Sequence[int],
+              texts: dict[str, list] | None = None) -> None:
+        record = {"step": step, "keys": list(keys), "epochs": list(epochs)}
+        if texts is not None:
+            record["texts"] = texts
+        self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
 
 class TrainLoader:
-    """Iterable of `(images [B,3,H,W] float32, tokens [B,L] int64)` for one rank, endless.
+    """Iterable of batch dicts for one rank, endless: `{"image": [B,3,H,W] float32, "text": [B,L] int64}`,
+    or with text roles `{"image", "text_<r>": [B,K_r,L_r] int64, "text_<r>_valid": [B,K_r] bool, ...}`.
 
     `batches` is how many batches the trainer has received in this run and those it resumed.
     """
@@ -181,13 +198,13 @@ class TrainLoader:
     def stats(self) -> dict[str, float]:
         """Collective: samples per source and skips per reason summed over ranks, and the
         oldest epoch any stream is in (`data/epoch`), for the trainer's log."""
-        counts = torch.tensor([*self.samples_per_source, *(self.skipped[r] for r in SKIP_REASONS)],
-                              dtype=torch.float64)
+        reasons = skip_reasons(self.settings.texts)
+        counts = torch.tensor([*self.samples_per_source, *(self.skipped[r] for r in reasons)], dtype=torch.float64)
         counts = distributed.all_reduce(counts, "sum").tolist()
         epoch = distributed.all_reduce(torch.tensor([min(p.current_epoch for p in self.positions)]), "min")
         record = {f"data/samples/{s.name}": int(n) for s, n in zip(self.sources, counts)}
         record.update({f"data/skipped/{r.replace(' ', '_')}": int(n)
-                       for r, n in zip(SKIP_REASONS, counts[len(self.sources):])})
+                       for r, n in zip(reasons, counts[len(self.sources):])})
         record["data/epoch"] = int(epoch.item())
         return record
 
@@ -201,9 +218,9 @@ class TrainLoader:
         self.batches += 1
         self.last_batch_keys = list(meta["keys"])
         if self.keys is not None:
-            self.keys.write(self.batches, meta["keys"], meta["epochs"])
+            self.keys.write(self.batches, meta["keys"], meta["epochs"], meta.get("texts"))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         dataset = ShardStream(self.sources, self.settings, preprocess=self.preprocess, tokenize=self.tokenize,
                               rank=self.rank, world_size=self.world_size, seed=self.seed, start_batch=self.batches,
                               positions=self.positions)
@@ -212,9 +229,9 @@ class TrainLoader:
                             worker_init_fn=self.worker_init_fn if self.num_workers else None)
         batches = iter(loader)
         try:
-            for images, tokens, meta in batches:
+            for batch, meta in batches:
                 self._consume(meta)
-                yield images, tokens
+                yield batch
         except ClipkitConfigError as err:
             # A worker's error arrives wrapped in its traceback; keep the one-line message.
             message = str(err).strip().splitlines()[-1]

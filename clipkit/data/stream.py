@@ -16,6 +16,10 @@ stream i % K's next batch, whichever dataloader worker builds it, so the rank's 
 sequence does not depend on the number of workers W as long as W divides K
 (`data.streams_per_rank`, by default the workers of the run's first launch).
 
+Each batch is a dict of tensors, dim 0 the sample: `{"image", "text"}` with one caption per
+sample, or `{"image", "text_<role>", "text_<role>_valid"}` per text role (`data.texts`,
+`clipkit.data.texts`), whose choice of texts is a pure function of (seed, epoch, sample, role).
+
 What a stream reads in one epoch is a `Share` of (epoch, world size, K, rank, stream). A run
 resumed on another number of ranks (or K) first reads the shares the old layout left
 unfinished, dealt to its streams as "pending" shares of their positions
@@ -38,10 +42,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipkit.data.decode import DECODE_ERRORS, ImageDecoder, Preprocess
 from clipkit.data.reshard import Share, StreamPosition, position_to_state, walk
 from clipkit.data.tar_reader import SOURCE_FAILURES, RawSample, ShardReader
+from clipkit.data.texts import TextRole, role_rng, select_texts, tokenize_role
 from clipkit.data.urls import Source
 from clipkit.errors import ClipkitConfigError
 
-Tokenize = Callable[[list[str]], torch.Tensor]
+# Captions -> [n, L] int64; with text roles also called with `context_length=` (open_clip's tokenizers).
+Tokenize = Callable[..., torch.Tensor]
+Batch = dict[str, torch.Tensor]
 MODES = ("epoch", "resampled")
 # A stream that decodes nothing for this long is reading the wrong members or broken data.
 MAX_UNDECODABLE_IN_A_ROW = 1000
@@ -66,6 +73,7 @@ class StreamSettings:
     jpeg_draft: bool = True
     image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     text_ext: str = "txt"
+    texts: tuple[TextRole, ...] | None = None   # data.texts; None: one caption per sample from text_ext
 
 
 def check_enough_shards(num_shards: int, world_size: int, streams_per_rank: int) -> None:
@@ -106,14 +114,17 @@ class _Cursor:
 
 
 class ShardStream(IterableDataset):
-    """Endless batches `(images [B,3,H,W] float32, tokens [B,L] int64, meta)` for one rank.
+    """Endless `(batch, meta)` for one rank. `batch` without text roles: `{"image": [B,3,H,W]
+    float32, "text": [B,L] int64}`; with roles, per role r: `"text_<r>": [B,K_r,L_r] int64` and
+    `"text_<r>_valid": [B,K_r] bool` instead of "text" (`clipkit.data.texts.tokenize_role`).
 
     `start_batch` batches were consumed before; `positions[k]` is stream k's position after
     them. `meta` says which batch this is and where its stream stands after it:
     `{"index", "stream", "epoch", "offset", "position", "keys", "epochs", "sources": [count per
     source], "skipped": {reason: count since the stream's previous batch}}`: `position` is the
     whole position (`clipkit.data.reshard.position_to_state`), `epoch` and `offset` its current
-    share's, `epochs` the epoch of each key.
+    share's, `epochs` the epoch of each key. With roles `meta["texts"]` is `{role: per sample, per
+    chosen text its indices}` (`clipkit.data.texts.select_texts`).
     """
 
     def __init__(self, sources: Sequence[Source], settings: StreamSettings, *, preprocess: Preprocess,
@@ -255,7 +266,7 @@ class ShardStream(IterableDataset):
         s = self.settings
         reader = ShardReader(Counter(), image_exts=s.image_exts, text_ext=s.text_ext,
                              open_retries=s.open_retries, retry_delay_s=s.retry_delay_s,
-                             read_timeout_s=s.read_timeout_s)
+                             read_timeout_s=s.read_timeout_s, roles=s.texts)
         return _Cursor(reader, self.samples_from(stream, self.positions[stream], reader))
 
     def _decode(self, cursor: _Cursor, sample: RawSample) -> torch.Tensor | None:
@@ -271,11 +282,11 @@ class ShardStream(IterableDataset):
         cursor.undecodable_in_a_row = 0
         return image
 
-    def make_batch(self, cursor: _Cursor, index: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def make_batch(self, cursor: _Cursor, index: int) -> tuple[Batch, dict[str, Any]]:
         """Batch `index` of this rank: the next `batch_size` decodable samples of stream `index % K`."""
         k = self.settings.streams_per_rank
         stream = index % k
-        images, captions, keys, epochs, per_source = [], [], [], [], [0] * len(self.sources)
+        images, samples, keys, epochs, per_source = [], [], [], [], [0] * len(self.sources)
         # Random augmentations draw from torch's global RNG: seed it per batch (and restore
         # it afterwards, which matters with workers=0) so a resumed run augments the same.
         with torch.random.fork_rng(devices=[]):
@@ -286,7 +297,7 @@ class ShardStream(IterableDataset):
                 if image is None:
                     continue
                 images.append(image)
-                captions.append(sample.caption)
+                samples.append(sample)
                 keys.append(f"{sample.url}#{sample.key}")
                 epochs.append(position.current_epoch)
                 per_source[sample.source] += 1
@@ -294,9 +305,30 @@ class ShardStream(IterableDataset):
                 "offset": position.current_offset, "position": position_to_state(position), "keys": keys,
                 "epochs": epochs, "sources": per_source, "skipped": dict(cursor.reader.skipped)}
         cursor.reader.skipped.clear()
-        return torch.stack(images), self.tokenize(captions), meta
+        batch = {"image": torch.stack(images)}
+        if self.settings.texts is None:
+            batch["text"] = self.tokenize([sample.caption for sample in samples])
+        else:
+            meta["texts"] = {}
+            for role in self.settings.texts:
+                tokens, valid, used = self.role_batch(role, samples, epochs)
+                batch[f"text_{role.name}"], batch[f"text_{role.name}_valid"] = tokens, valid
+                meta["texts"][role.name] = used
+        return batch, meta
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    def role_batch(self, role: TextRole, samples: Sequence[RawSample], epochs: Sequence[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[list[list[int]]]]:
+        """One role's `(tokens [b,K,L] int64, valid [b,K] bool, per sample the indices of its texts)`."""
+        chosen, used = [], []
+        for sample, epoch in zip(samples, epochs):
+            picked = select_texts(role, sample.texts[role.name],
+                                  role_rng(self.seed, epoch, sample.url, sample.key, role.name))
+            chosen.append([text for text, _ in picked])
+            used.append([list(indices) for _, indices in picked])
+        tokens, valid = tokenize_role(self.tokenize, role, chosen)
+        return tokens, valid, used
+
+    def __iter__(self) -> Iterator[tuple[Batch, dict[str, Any]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         k = self.settings.streams_per_rank

@@ -16,6 +16,12 @@ sample is the run of consecutive members sharing a key. Every problem is a count
     caption not utf-8 / empty caption
     undecodable image   counted later, by the decoder (`clipkit.data.decode`)
 
+With text roles (`data.texts`, `clipkit.data.texts`) the caption checks give way to each
+role's: the reader keeps every member a role reads (and the `.json` when one reads a field)
+and a sample without a usable text of a required role is skipped as `missing text <role>`,
+`empty text <role>`, `text <role> not utf-8`, `text <role> not a string`, `json not utf-8`
+or `json invalid` (`clipkit.data.texts.role_skip_reasons`).
+
 A retried shard is read again from its start and passes over the samples already handled,
 so it yields exactly what one clean read would have (exact resume depends on it).
 
@@ -40,6 +46,7 @@ from time import sleep
 from webdataset.gopen import gopen
 
 from clipkit.data.pipe import SourceError, open_pipe
+from clipkit.data.texts import RoleTexts, TextRole, kept_members, read_roles
 from clipkit.data.urls import is_local
 
 log = logging.getLogger(__name__)
@@ -88,13 +95,17 @@ def _fd(path: str) -> int:
 
 @dataclass(frozen=True)
 class RawSample:
-    """A sample that passed every check that needs no image decode."""
+    """A sample that passed every check that needs no image decode.
+
+    Without text roles `caption` is its `txt` and `texts` None; with roles `caption` is None
+    and `texts` holds each role's texts per source (`clipkit.data.texts.read_roles`)."""
 
     key: str
     url: str
     source: int
     image: bytes | ImageRef
-    caption: str
+    caption: str | None
+    texts: dict[str, RoleTexts] | None = None
 
     def image_bytes(self) -> bytes:
         return self.image.read() if isinstance(self.image, ImageRef) else self.image
@@ -143,10 +154,14 @@ class ShardReader:
 
     def __init__(self, skipped: Counter, *, image_exts: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
                  text_ext: str = "txt", open_retries: int = 3, retry_delay_s: float = 2.0,
-                 read_timeout_s: float = 60.0):
+                 read_timeout_s: float = 60.0, roles: Sequence[TextRole] | None = None):
+        """`roles`: the text roles (`data.texts`); None reads one caption from `text_ext`."""
         self.skipped = skipped
         self.image_exts = tuple(image_exts)
         self.text_ext = text_ext
+        self.roles = tuple(roles) if roles else None
+        # The text members a sample group keeps; at a cut, a last group is yielded only with all of them.
+        self.text_members = kept_members(self.roles) if self.roles else frozenset((text_ext,))
         self.open_retries = open_retries
         self.retry_delay_s = retry_delay_s
         self.read_timeout_s = read_timeout_s
@@ -232,15 +247,16 @@ class ShardReader:
                     continue
                 if size is not None and member.offset_data + member.size > size:
                     raise tarfile.ReadError(f"member {member.name} ends past the end of the file")
-                if ext == self.text_ext:
+                if ext in self.text_members:
                     group[ext] = tar.extractfile(member).read()
                 elif ext in self.image_exts:
                     group[ext] = (ImageRef(path, member.offset_data, member.size) if size is not None
                                   else tar.extractfile(member).read())
             end = getattr(tar, "clipkit_end", None)
             complete = isinstance(end, tarfile.EOFHeaderError)
-            if group and (complete or (self.text_ext in group and any(ext in group for ext in self.image_exts))):
-                yield group   # at a cut, a last group without its image or caption is lost with the rest
+            if group and (complete or (self.text_members <= group.keys()
+                                       and any(ext in group for ext in self.image_exts))):
+                yield group   # at a cut, a last group without its image or a text member is lost with the rest
             if not complete:
                 raise tarfile.ReadError(f"the archive stops without its end-of-archive block ({end})")
         except SourceError as exn:
@@ -266,6 +282,11 @@ class ShardReader:
         image_ext = next((ext for ext in self.image_exts if ext in group), None)
         if image_ext is None:
             return self.skip("missing image", what)
+        if self.roles is not None:
+            texts, reason = read_roles(self.roles, {ext: group[ext] for ext in self.text_members if ext in group})
+            if texts is None:
+                return self.skip(reason, what)
+            return RawSample(str(group["key"]), url, source, group[image_ext], None, texts)
         if self.text_ext not in group:
             return self.skip("missing caption", what)
         try:

@@ -3,7 +3,9 @@
 Layout, compatible with img2dataset's output and CLIP_benchmark's webdataset sets:
 
     out/{split}/00000.tar ...   members <key>.jpg|png|webp, <key>.txt (caption), <key>.cls (label),
-                                <key>.json (source, sizes, extra columns); keys are 9-digit row numbers
+                                <key>.json (source, sizes, extra columns); keys are 9-digit row numbers;
+                                more text columns (`text_columns`) as <key>.<column>.txt, or as .json
+                                fields (`texts_in="json"`; a list of texts always goes there)
     out/{split}/nshards.txt     number of shards
     out/{split}/stats.json      counts, failures by reason, per-shard sample counts
     out/classnames.txt, out/zeroshot_classification_templates.txt   (eval sets, when given)
@@ -27,6 +29,7 @@ import io
 import json
 import logging
 import os
+import re
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -46,18 +49,24 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 ERROR_KEY = "__error__"
 IMAGE_COLUMNS = ("path", "url", "image", "filepath")
+TEXTS_IN = ("members", "json")
+# Keys every sample's .json has; a text column of the same name would overwrite one.
+_META_KEYS = ("key", "url", "caption", "width", "height", "original_width", "original_height")
+_TEXT_COLUMN = re.compile(r"^[A-Za-z0-9_-]+$")
 USER_AGENT = "clipkit-shards/0.1"
 
 
 @dataclass(frozen=True)
 class Row:
-    """One input item. `image` is a local path, a `file://` URL or an http(s) URL."""
+    """One input item. `image` is a local path, a `file://` URL or an http(s) URL; `texts` are
+    more texts by column name, each a string or a list of strings (`check_text_columns`)."""
 
     index: int
     image: str
     caption: str | None
     label: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    texts: dict[str, str | list[str]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -114,7 +123,36 @@ def _image_member(data: bytes, max_side: int | None, image: str) -> tuple[str, b
     return ext, buffer.getvalue(), original, resized.size
 
 
-def row_sample(row: Row, *, max_side: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
+def check_text_columns(columns: Sequence[str]) -> list[str]:
+    """Names of extra text columns: letters, digits, `_`, `-` (each becomes `<name>.txt` or a .json field)."""
+    for name in columns:
+        if not _TEXT_COLUMN.match(name):
+            raise ClipkitConfigError(f"text column {name!r} must be letters, digits, _ or - (it names a tar member)")
+        if name in _META_KEYS:
+            raise ClipkitConfigError(f"text column {name!r} would overwrite the .json's own {name!r}; rename it")
+    if len({c.lower() for c in columns}) != len(columns):
+        raise ClipkitConfigError(f"text columns {list(columns)} name a member twice (member names are lower case)")
+    return list(columns)
+
+
+def _text_members(row: Row, texts_in: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(tar members, .json fields) of a row's extra texts; empty texts are left out."""
+    members, fields = {}, {}
+    for name, value in row.texts.items():
+        if isinstance(value, list):
+            kept = [str(t).strip() for t in value if t is not None and str(t).strip()]
+            if kept:
+                fields[name] = kept
+        elif value is not None and str(value).strip():
+            if texts_in == "json":
+                fields[name] = str(value).strip()
+            else:
+                members[f"{name.lower()}.txt"] = str(value).strip()
+    return members, fields
+
+
+def row_sample(row: Row, *, max_side: int | None = None, timeout: float = 10.0,
+               texts_in: str = "members") -> dict[str, Any]:
     """The sample dict for one row; raises RowFailure."""
     if row.caption is None:
         raise RowFailure("missing caption", row.image)
@@ -122,9 +160,10 @@ def row_sample(row: Row, *, max_side: int | None = None, timeout: float = 10.0) 
     if not caption:
         raise RowFailure("empty caption", row.image)
     ext, data, original, stored = _image_member(_fetch(row.image, timeout), max_side, row.image)
+    members, fields = _text_members(row, texts_in)
     meta = {"key": row.key, "url": row.image, "caption": caption, "width": stored[0], "height": stored[1],
-            "original_width": original[0], "original_height": original[1], **row.extra}
-    sample = {"__key__": row.key, ext: data, "txt": caption, "json": json.dumps(meta, default=str)}
+            "original_width": original[0], "original_height": original[1], **row.extra, **fields}
+    sample = {"__key__": row.key, ext: data, "txt": caption, **members, "json": json.dumps(meta, default=str)}
     if row.label is not None:
         sample["cls"] = row.label
     return sample
@@ -244,14 +283,15 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *, shar
     return _finish(out, shards, failures, None)
 
 
-def _shard_task(rows: list[Row], tmp: str, max_side: int | None, timeout: float) -> tuple[int, dict[str, int]]:
+def _shard_task(rows: list[Row], tmp: str, max_side: int | None, timeout: float, texts_in: str
+                ) -> tuple[int, dict[str, int]]:
     """One process-pool task: rows -> one tar at `tmp`. Returns (samples written, failures by reason)."""
     failures: Counter[str] = Counter()
 
     def samples():
         for row in rows:
             try:
-                yield row_sample(row, max_side=max_side, timeout=timeout)
+                yield row_sample(row, max_side=max_side, timeout=timeout, texts_in=texts_in)
             except RowFailure as failure:
                 failures[failure.reason] += 1
                 if failures[failure.reason] == 1:
@@ -263,10 +303,13 @@ def _shard_task(rows: list[Row], tmp: str, max_side: int | None, timeout: float)
 
 def write_rows(rows: Sequence[Row], out_dir: str | Path, *, shard_size: int = 1000, processes: int = 1,
                max_side: int | None = None, timeout: float = 10.0, overwrite: bool = False,
-               naming: str = "img2dataset") -> dict[str, Any]:
+               naming: str = "img2dataset", texts_in: str = "members") -> dict[str, Any]:
     """Writes `rows` as shards in `out_dir` with `processes` worker processes; returns the stats.
 
-    `naming` picks the shard file names (`shard_name`)."""
+    `naming` picks the shard file names (`shard_name`); `texts_in` where each row's extra string
+    texts go: members `<column>.txt` or fields of the .json (lists of texts always go there)."""
+    if texts_in not in TEXTS_IN:
+        raise ClipkitConfigError(f"texts_in must be one of {'|'.join(TEXTS_IN)}, got {texts_in!r}")
     if shard_size < 1 or processes < 1:
         raise ClipkitConfigError(f"shard_size and processes must be >= 1, got {shard_size} and {processes}")
     shard_name(0, naming)  # an unknown naming is refused before anything is written
@@ -276,7 +319,7 @@ def write_rows(rows: Sequence[Row], out_dir: str | Path, *, shard_size: int = 10
     existing = _prepare(out, overwrite)
     chunks = [list(rows[i:i + shard_size]) for i in range(0, len(rows), shard_size)]
     parts = [out / f".part{i:05d}.tar.tmp" for i in range(len(chunks))]
-    args = [(chunk, str(part), max_side, timeout) for chunk, part in zip(chunks, parts)]
+    args = [(chunk, str(part), max_side, timeout, texts_in) for chunk, part in zip(chunks, parts)]
     try:
         if processes == 1:
             results = [_shard_task(*a) for a in args]
@@ -342,8 +385,10 @@ def _label(value: Any, where: str) -> int | None:
         raise ClipkitConfigError(f"label must be an integer, got {str(value).strip()!r} at {where}") from None
 
 
-def rows_from_folder(folder: str | Path) -> list[Row]:
-    """Rows from `name.jpg|png|...` with caption `name.txt` and optional integer `name.cls`, sorted by path."""
+def rows_from_folder(folder: str | Path, *, text_columns: Sequence[str] = ()) -> list[Row]:
+    """Rows from `name.jpg|png|...` with caption `name.txt` and optional integer `name.cls`, sorted by path;
+    each of `text_columns` from an optional sidecar `name.<column>.txt`."""
+    check_text_columns(text_columns)
     root = Path(folder)
     if not root.is_dir():
         raise ClipkitConfigError(f"image folder not found: {root}")
@@ -353,7 +398,12 @@ def rows_from_folder(folder: str | Path) -> list[Row]:
         caption_path, label_path = image.with_suffix(".txt"), image.with_suffix(".cls")
         caption = caption_path.read_text(encoding="utf-8") if caption_path.is_file() else None
         label = _label(label_path.read_text(), str(label_path)) if label_path.is_file() else None
-        rows.append(Row(index, str(image), caption, label, {"path": str(image.relative_to(root))}))
+        texts = {}
+        for column in text_columns:
+            sidecar = image.with_name(f"{image.stem}.{column}.txt")
+            if sidecar.is_file():
+                texts[column] = sidecar.read_text(encoding="utf-8")
+        rows.append(Row(index, str(image), caption, label, {"path": str(image.relative_to(root))}, texts))
     return rows
 
 
@@ -366,20 +416,38 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
+def _text_cell(value: Any) -> str | list[str] | None:
+    """A text column's cell: a string, a list of strings (Parquet lists; in a CSV a JSON list), or None."""
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        return [str(t) for t in parsed] if isinstance(parsed, list) else value
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        return [str(t) for t in (value.tolist() if hasattr(value, "tolist") else value) if t is not None]
+    return str(value)
+
+
 def rows_from_table(table: str | Path, *, image_column: str | None = None, caption_column: str = "caption",
-                    label_column: str | None = "label", extra_columns: Sequence[str] = ()) -> list[Row]:
+                    label_column: str | None = "label", extra_columns: Sequence[str] = (),
+                    text_columns: Sequence[str] = ()) -> list[Row]:
     """Rows from a CSV or Parquet file (by suffix). Relative image paths resolve against the table's folder.
 
     `image_column` defaults to the first of path, url, image, filepath that exists; the label
-    column is optional (used when present); `extra_columns` go into each sample's `.json`.
+    column is optional (used when present); `extra_columns` go into each sample's `.json`;
+    `text_columns` are more texts per row (`Row.texts`; the caption column among them is the `txt`).
     """
+    text_columns = check_text_columns([c for c in text_columns if c != caption_column])
     path = Path(table)
     if not path.is_file():
         raise ClipkitConfigError(f"table not found: {path}")
     records = _read_table(path)
     columns = list(records[0]) if records else []
     image_column = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
-    wanted = [c for c in (image_column, caption_column, *extra_columns) if c is not None]
+    wanted = [c for c in (image_column, caption_column, *extra_columns, *text_columns) if c is not None]
     missing = [c for c in wanted if c not in columns] if records else []
     if image_column is None or missing:
         raise ClipkitConfigError(f"{path} lacks column(s) {missing or list(IMAGE_COLUMNS)}; it has {columns}")
@@ -391,7 +459,8 @@ def rows_from_table(table: str | Path, *, image_column: str | None = None, capti
             image = str(path.parent / image)
         caption = record[caption_column]
         label = _label(record[label_column], f"{path} row {index + 1}") if use_label else None
+        texts = {c: cell for c in text_columns if (cell := _text_cell(record[c])) is not None}
         rows.append(Row(index, image, None if caption is None else str(caption), label,
-                        {c: record[c] for c in extra_columns}))
+                        {c: record[c] for c in extra_columns}, texts))
     return rows
 

@@ -36,11 +36,12 @@ def loader(sources, mode, workers, rank, state=None, keys_path=None, **kw):
 
 
 def take(train_loader, n):
-    return [(images.clone(), tokens.clone()) for images, tokens in itertools.islice(iter(train_loader), n)]
+    return [{name: t.clone() for name, t in batch.items()} for batch in itertools.islice(iter(train_loader), n)]
 
 
 def same(a, b):
-    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def make_stream(sources, *, batch_size=1, rank=0, world_size=1, seed=0, start_ba
 
 
 def pairs(batches):
-    return [tuple(row) for _, tokens, _ in batches for row in tokens.tolist()]
+    return [tuple(row) for batch, _ in batches for row in batch["text"].tolist()]
 
 
 def test_ranks_and_streams_partition_every_epoch(tmp_path):
@@ -83,8 +83,10 @@ def test_every_sample_once_per_epoch_and_epochs_differ(tmp_path):
     everything = sorted((s, i) for s in range(len(urls)) for i in range(SAMPLES_PER_SHARD))
     assert all(sorted(epoch) == everything for epoch in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
-    assert [(m["epoch"], m["offset"]) for _, _, m in batches[per_epoch - 1:per_epoch + 1]] == [(0, per_epoch), (1, 1)]
-    images, tokens, meta = batches[0]
+    assert [(m["epoch"], m["offset"]) for _, m in batches[per_epoch - 1:per_epoch + 1]] == [(0, per_epoch), (1, 1)]
+    batch, meta = batches[0]
+    assert sorted(batch) == ["image", "text"] and "texts" not in meta
+    images, tokens = batch["image"], batch["text"]
     assert images.shape == (1, 3, 6, 6) and images.dtype == torch.float32 and tokens.dtype == torch.int64
     assert meta["index"] == 0 and meta["keys"][0].endswith(".tar#{}_{}".format(*tokens[0].tolist()))
 
@@ -110,7 +112,7 @@ def test_resampled_mixes_sources_by_weight_in_virtual_epochs(tmp_path):
     assert draws.count(0) / len(draws) == pytest.approx(0.75, abs=0.03)
     assert list(itertools.islice(stream.draws(0, 0), 20)) != list(itertools.islice(stream.draws(1, 0), 20))
     assert stream.epoch_length() == 10   # 40 samples over 2 ranks x 2 streams
-    metas = [m for _, _, m in itertools.islice(stream, 10)]   # batches 0, 2, 4, ... are stream 0's
+    metas = [m for _, m in itertools.islice(stream, 10)]   # batches 0, 2, 4, ... are stream 0's
     assert [(m["stream"], m["epoch"], m["offset"]) for m in metas[:6]] == [
         (0, 0, 4), (1, 0, 4), (0, 0, 8), (1, 0, 8), (0, 1, 2), (1, 1, 2)]
     assert all(sum(m["sources"]) == 4 for m in metas)
@@ -129,7 +131,7 @@ def test_resuming_at_a_position_continues_exactly_without_decoding_the_skipped_p
           "epoch_samples": 16 if mode == "resampled" else None}
     straight = list(itertools.islice(make_stream(urls, **kw), 14))
     at = 9   # resume after batch 9: stream 0 made batches 0,2,..,8; stream 1 made 1,3,..,9
-    positions = [StreamPosition(straight[i][2]["epoch"], straight[i][2]["offset"]) for i in (8, 9)]
+    positions = [StreamPosition(straight[i][1]["epoch"], straight[i][1]["offset"]) for i in (8, 9)]
     decoded, image_reads = Counter(), Counter()
     resumed_stream = make_stream(urls, start_batch=at + 1, positions=positions, **kw)
     real_decoder = resumed_stream.decoder
@@ -138,7 +140,7 @@ def test_resuming_at_a_position_continues_exactly_without_decoding_the_skipped_p
     monkeypatch.setattr(tar_reader.ImageRef, "read", lambda self: (image_reads.update(["read"]), real_read(self))[1])
     resumed = list(itertools.islice(resumed_stream, 4))
     assert pairs(resumed) == pairs(straight[at + 1:])
-    assert [m["index"] for _, _, m in resumed] == [10, 11, 12, 13]
+    assert [m["index"] for _, m in resumed] == [10, 11, 12, 13]
     assert decoded["image"] == 4 * 3                         # only the samples handed out
     assert image_reads["read"] == (0 if piped else 4 * 3)    # the skipped images were never read
 
@@ -163,8 +165,8 @@ def test_undecodable_images_are_counted_and_a_long_run_of_them_fails(tmp_path, m
     path = tmp_path / "x.tar"
     _write_tar(path, [{"__key__": f"bad{i}", "png": b"garbage", "txt": "s0 i0"} for i in range(4)]
                + [{"__key__": "good", "png": _png(), "txt": "s0 i1"}])
-    _, tokens, meta = next(iter(make_stream([str(path)], shuffle_buffer=1)))
-    assert tokens.tolist() == [[0, 1]] and meta["skipped"] == {"undecodable image": 4}
+    batch, meta = next(iter(make_stream([str(path)], shuffle_buffer=1)))
+    assert batch["text"].tolist() == [[0, 1]] and meta["skipped"] == {"undecodable image": 4}
     monkeypatch.setattr("clipkit.data.stream.MAX_UNDECODABLE_IN_A_ROW", 3)
     with pytest.raises(ClipkitConfigError, match="3 images in a row could not be decoded"):
         next(iter(make_stream([str(path)], shuffle_buffer=1)))
@@ -177,7 +179,8 @@ def test_open_clip_transforms_on_grayscale_png(tmp_path, monkeypatch):
     stream = ShardStream([Source("s", tuple(urls))], StreamSettings(batch_size=2),
                          preprocess=open_clip.image_transform(32, is_train=True),
                          tokenize=open_clip.get_tokenizer("ViT-B-32", context_length=16), rank=0, world_size=1, seed=0)
-    images, tokens, _ = next(iter(stream))
+    batch, _ = next(iter(stream))
+    images, tokens = batch["image"], batch["text"]
     assert images.shape == (2, 3, 32, 32) and tokens.shape == (2, 16) and tokens.dtype == torch.int64
 
 
@@ -196,5 +199,5 @@ def test_a_source_with_some_failing_shards_goes_on_and_counts_them(tmp_path):
     urls = make_shards(tmp_path, n=3)
     source = Source("s", (urls[0], f"pipe:sh -c 'exit 4' {urls[1]}", f"pipe:cat {urls[2]}"))
     batches = list(itertools.islice(iter(make_stream([source], open_retries=0)), 2 * 2 * SAMPLES_PER_SHARD))
-    assert sum(m["skipped"].get("failed source", 0) for _, _, m in batches) == 2   # once per epoch
-    assert {tuple(t[0].tolist()) for _, t, _ in batches} == {(s, i) for s in (0, 2) for i in range(SAMPLES_PER_SHARD)}
+    assert sum(m["skipped"].get("failed source", 0) for _, m in batches) == 2   # once per epoch
+    assert {tuple(b["text"][0].tolist()) for b, _ in batches} == {(s, i) for s in (0, 2) for i in range(SAMPLES_PER_SHARD)}
