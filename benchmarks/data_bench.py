@@ -92,7 +92,7 @@ def make_shards(root: Path, size: int, count: int) -> list[str]:
 # -- pipelines -------------------------------------------------------------------------------
 
 def build_pipeline(name: str, urls: list[str], workers: int):
-    """An iterable of (images [B,3,224,224], tokens [B,77]) batches."""
+    """An iterable of (images [B,3,224,224], tokens [B,77]) batches (clipkit's batch dicts unpacked)."""
     import open_clip
     from torch.utils.data import DataLoader
 
@@ -108,8 +108,9 @@ def build_pipeline(name: str, urls: list[str], workers: int):
 
     settings = StreamSettings(batch_size=BATCH, streams_per_rank=max(1, workers), shuffle_buffer=SHUFFLE,
                               jpeg_draft=name != "clipkit_nodraft")
-    return TrainLoader([Source("bench", tuple(urls))], settings, preprocess=transform, tokenize=tokenizer,
-                       num_workers=workers, rank=0, world_size=1, seed=0)
+    loader = TrainLoader([Source("bench", tuple(urls))], settings, preprocess=transform, tokenize=tokenizer,
+                         num_workers=workers, rank=0, world_size=1, seed=0)
+    return ((batch["image"], batch["text"]) for batch in loader)
 
 
 class PeakPss:
