@@ -271,9 +271,10 @@ def multi_positive_siglip_loss(image: torch.Tensor, text: torch.Tensor, valid: t
                                negative_scope: str = "all") -> torch.Tensor:
     """Multi-positive sigmoid loss (FLAIR's MPS) over the whole global batch, materialized.
 
-    L = Σ_n Σ_{valid j} softplus(−y_nj·l_nj) / B, l_nj = s·⟨v_n, t_j⟩ + β, y_nj = +1 iff o(j) = n
-    (an image's own valid texts), −1 otherwise. Hard negatives are −1 pairs: with every image
-    (scope "all") or with their own image only (scope "own", one term each). K = 1, all valid,
+    L = Σ_n Σ_{valid j} softplus(−y_nj·l_nj) / B (computed as −log σ(y_nj·l_nj)),
+    l_nj = s·⟨v_n, t_j⟩ + β, y_nj = +1 iff o(j) = n (an image's own valid texts), −1 otherwise.
+    Hard negatives are −1 pairs: with every image (scope "all") or with their own image only
+    (scope "own", one term each). K = 1, all valid,
     no negatives: `siglip_loss`.
 
     Args:
@@ -287,15 +288,15 @@ def multi_positive_siglip_loss(image: torch.Tensor, text: torch.Tensor, valid: t
     logits = logit_scale * image @ text.reshape(big_b * k, d).T + logit_bias  # [B, B·K]
     owner = torch.arange(big_b, device=image.device).repeat_interleave(k)
     signs = torch.where(owner[None, :] == torch.arange(big_b, device=image.device)[:, None], 1.0, -1.0)
-    total = torch.where(valid.bool().reshape(1, -1), F.softplus(-signs * logits), 0.0).sum()
+    total = torch.where(valid.bool().reshape(1, -1), -F.logsigmoid(signs * logits), 0.0).sum()
     if negatives is not None:
         neg_valid = _negatives_mask(negatives, negatives_valid)
         if negative_scope == "all":
             neg_logits = logit_scale * image @ negatives.reshape(-1, d).T + logit_bias  # [B, B·Kn]
-            total = total + torch.where(neg_valid.reshape(1, -1), F.softplus(neg_logits), 0.0).sum()
+            total = total + torch.where(neg_valid.reshape(1, -1), -F.logsigmoid(-neg_logits), 0.0).sum()
         else:
             own = logit_scale * torch.einsum("nd,nkd->nk", image, negatives) + logit_bias
-            total = total + torch.where(neg_valid, F.softplus(own), 0.0).sum()
+            total = total + torch.where(neg_valid, -F.logsigmoid(-own), 0.0).sum()
     return total / big_b
 
 
@@ -319,13 +320,13 @@ def multi_positive_siglip_loss_block(image_rows: torch.Tensor, text_all: torch.T
     owner = torch.arange(big_b, device=image_rows.device).repeat_interleave(k)
     rows = row_offset + torch.arange(b, device=image_rows.device)
     signs = torch.where(owner[None, :] == rows[:, None], 1.0, -1.0)
-    total = torch.where(valid_all.bool().reshape(1, -1), F.softplus(-signs * logits), 0.0).sum()
+    total = torch.where(valid_all.bool().reshape(1, -1), -F.logsigmoid(signs * logits), 0.0).sum()
     if negatives is not None:
         neg_valid = _negatives_mask(negatives, negatives_valid)
         if negative_scope == "all":
             neg_logits = logit_scale * image_rows @ negatives.reshape(-1, d).T + logit_bias
-            total = total + torch.where(neg_valid.reshape(1, -1), F.softplus(neg_logits), 0.0).sum()
+            total = total + torch.where(neg_valid.reshape(1, -1), -F.logsigmoid(-neg_logits), 0.0).sum()
         else:
             own = logit_scale * torch.einsum("nd,nkd->nk", image_rows, negatives) + logit_bias
-            total = total + torch.where(neg_valid, F.softplus(own), 0.0).sum()
+            total = total + torch.where(neg_valid, -F.logsigmoid(-own), 0.0).sum()
     return total / big_b
