@@ -19,6 +19,9 @@ The block math comes from a kernel set (`clipkit.kernels.chunked_contrastive` or
   [b, D] gradients are kept for backward. `exchange="ring"` does the same arithmetic with
   O(b·D) memory instead of O(B·D): text blocks and their gradient accumulators travel
   round the ranks by point-to-point sends, the next block prefetched while one is scored.
+  Multi-positive InfoNCE and sigmoid (several texts per image, `loss=multi_text*`): the same
+  schemes over b images × W·b·K text columns, an owner index per column instead of "row i's
+  positive is column i"; chunked kernels only (no Triton); see `multi_positive_clip_loss`.
 
 Gradient scaling. Every rank returns W × (its share of the global loss); the shares sum to
 the global loss, so the mean over ranks of the returned values is the global loss. Backward
