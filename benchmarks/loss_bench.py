@@ -4,6 +4,12 @@ for CLIP, SigLIP and CLIP + distillation (`--kinds clip siglip distill`).
     python benchmarks/loss_bench.py                        # B in 4096 8192 16384 32768, D=512, fp32
     python benchmarks/loss_bench.py --batch 4096 8192 --reps 3 --out /tmp/bench.json
     python benchmarks/loss_bench.py --chunk auto 256 1024   # the default chunk against fixed rows
+    python benchmarks/loss_bench.py --multi-positive 4 --batch 8192   # B images x 4 texts each
+
+`--multi-positive K` runs the multi-positive softmax InfoNCE (`loss=multi_text`) with K texts per
+image (a [B, K, D] text batch, every slot valid, through the masked path): the chunked fused loss
+against a materialized PyTorch implementation that holds the [B, B·K] logits (`materialized`),
+and prints their time and peak-memory ratios. Alone it runs only that case; with `--kinds`, both.
 
 `--chunk auto` (the default) runs the chunked path as a user gets it by default
 (`loss.chunk_size=auto`: chunks of `CHUNK_ELEMS` logits); the rows it chose are reported.
@@ -36,6 +42,7 @@ import time
 from pathlib import Path
 
 IMPLS = {
+    "multi_positive": ["materialized", "chunked"],  # B images x B·K texts (`--multi-positive K`)
     "clip": ["open_clip", "naive", "chunked"],
     "siglip": ["open_clip", "naive", "chunked"],
     "distill": ["open_clip", "naive", "chunked"],  # CLIP + KL to a teacher's logits (D_t = D)
@@ -66,6 +73,36 @@ def _distill_fn(impl: str, chunk: int | None):
     return fn
 
 
+def materialized_multi_positive(image, text, valid, scale):
+    """The multi-positive InfoNCE as one would write it in PyTorch with the [B, B·K] logits in
+    memory: a masked row log-softmax (image->text, uniform target over an image's valid texts)
+    and a column log-softmax (text->image, DreamLIP's Eq. 5), each averaged as in
+    `clipkit.losses.functional.multi_positive_clip_loss` (its value, to float32 rounding)."""
+    import torch
+    import torch.nn.functional as F
+
+    big_b, k, d = text.shape
+    logits = scale * image @ text.reshape(big_b * k, d).T
+    diagonal = torch.arange(big_b, device=image.device)
+    row = F.log_softmax(logits.masked_fill(~valid.reshape(1, -1), float("-inf")), dim=1)
+    own_row = row.view(big_b, big_b, k)[diagonal, diagonal]  # [B, K]: each image's own texts
+    col = F.log_softmax(logits, dim=0).view(big_b, big_b, k)[diagonal, diagonal]
+    count = valid.sum(dim=1)
+    has = count > 0
+    image_to_text = -(torch.where(valid, own_row, 0.0).sum(dim=1)[has] / count[has]).sum() / has.sum().clamp(min=1)
+    text_to_image = -torch.where(valid, col, 0.0).sum() / valid.sum().clamp(min=1)
+    return (image_to_text + text_to_image) / 2
+
+
+def _multi_positive_fn(impl: str, chunk: int | None):
+    """(image, text [B, K, D], valid [B, K], scale) -> the multi-positive InfoNCE."""
+    if impl == "materialized":
+        return materialized_multi_positive
+    from clipkit.losses.fused import multi_positive_clip_loss
+
+    return lambda i, t, v, s: multi_positive_clip_loss(i, t, v, s, impl=impl, chunk=chunk)
+
+
 def _loss_fn(kind: str, impl: str, chunk: int | None):
     """(image, text, scale, bias, teacher_image, teacher_text) -> scalar loss for one implementation."""
     if kind == "distill":
@@ -88,7 +125,8 @@ def _loss_fn(kind: str, impl: str, chunk: int | None):
     return lambda i, t, s, b, *_: fused_siglip_loss(i, t, s, b, impl=impl, chunk=chunk)
 
 
-MATMULS = {"clip": 4, "siglip": 3}  # B×B×D products of an exact fused step (no floor is claimed for distill)
+MATMULS = {"clip": 4, "siglip": 3, "multi_positive": 4}  # B×B×D products of an exact fused step (B×BK×D for
+# multi_positive; no floor is claimed for distill)
 
 
 def gemm_rate(dim: int) -> float:
@@ -130,8 +168,9 @@ def parse_chunk(text: str) -> int | None:
     return None if text == "auto" else int(text)
 
 
-def measure(kind: str, impl: str, batch: int, dim: int, chunk: int | None, reps: int) -> dict:
-    """Runs in the child: median fwd+bwd seconds and peak RSS growth over the inputs."""
+def measure(kind: str, impl: str, batch: int, dim: int, chunk: int | None, reps: int, texts: int = 1) -> dict:
+    """Runs in the child: median fwd+bwd seconds and peak RSS growth over the inputs.
+    `texts`: K texts per image (kind multi_positive only)."""
     import torch
     import torch.nn.functional as F
 
@@ -139,11 +178,19 @@ def measure(kind: str, impl: str, batch: int, dim: int, chunk: int | None, reps:
 
     g = torch.Generator().manual_seed(0)
     image = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
-    text = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
+    if kind == "multi_positive":
+        text = F.normalize(torch.randn(batch, texts, dim, generator=g), dim=-1).requires_grad_()
+        valid = torch.ones(batch, texts, dtype=torch.bool)
+        mp_fn = _multi_positive_fn(impl, chunk)
+
+        def fn(i, t, s, *_):
+            return mp_fn(i, t, valid, s)
+    else:
+        text = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
+        fn = _loss_fn(kind, impl, chunk)
     scale = torch.tensor(14.3, requires_grad=True)
     bias = torch.tensor(-10.0, requires_grad=True)
     teacher = [F.normalize(torch.randn(batch, dim, generator=g), dim=-1) for _ in range(2)]
-    fn = _loss_fn(kind, impl, chunk)
     base_kib, exact = reset_peak_rss_kib()
     times = []
     for _ in range(reps + 1):  # the first run warms up and is dropped
@@ -153,18 +200,20 @@ def measure(kind: str, impl: str, batch: int, dim: int, chunk: int | None, reps:
         times.append(time.perf_counter() - start)
     peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     chunked = impl == "chunked"
-    return {"kind": kind, "impl": impl, "batch": batch, "dim": dim,
+    columns = batch * texts
+    return {"kind": kind, "impl": impl, "batch": batch, "dim": dim, "texts": texts,
             "chunk": ("auto" if chunk is None else chunk) if chunked else None,
-            "chunk_rows": min(batch, chunk_rows(chunk, batch)) if chunked else None,  # rows a chunk held
+            "chunk_rows": min(batch, chunk_rows(chunk, columns)) if chunked else None,  # rows a chunk held
             "median_s": statistics.median(times[1:]), "times_s": times[1:],
             "peak_mb": (peak_kib - base_kib) / 1024, "peak_reset": exact}
 
 
-def run_child(kind: str, impl: str, batch: int, dim: int, chunk: int | None, reps: int, threads: int) -> dict:
+def run_child(kind: str, impl: str, batch: int, dim: int, chunk: int | None, reps: int, threads: int,
+              texts: int = 1) -> dict:
     """One row (or, for kind "gemm", {"flops": rate}) measured in a fresh process."""
     cmd = [sys.executable, __file__, "--child", kind, impl, str(batch), str(dim),
            "auto" if chunk is None else str(chunk), str(reps),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--multi-positive", str(texts)]
     # A fixed mmap threshold keeps glibc from parking freed large blocks in a fragmented
     # heap (its default raises the threshold to 32 MB), so RSS tracks live tensors for all.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
@@ -190,10 +239,12 @@ def chunk_label(row: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'loss':7} {'B':>6} {'impl':10} {'chunk':>10} {'fwd+bwd s':>10} {'peak MB':>9} "
-          f"{'time/oc':>8} {'mem/oc':>8} {'vs floor':>9}")
+    """time/ref and mem/ref: against open_clip, or the materialized loss for multi_positive."""
+    print(f"{'loss':7} {'B':>6} {'impl':12} {'chunk':>10} {'fwd+bwd s':>10} {'peak MB':>9} "
+          f"{'time/ref':>8} {'mem/ref':>8} {'vs floor':>9}")
     for r in rows:
-        print(f"{r['kind']:7} {r['batch']:>6} {r['impl']:10} {chunk_label(r):>10} {r['median_s']:>10.3f} "
+        kind = r["kind"] if r["kind"] != "multi_positive" else f"mp K={r['texts']}"
+        print(f"{kind:7} {r['batch']:>6} {r['impl']:12} {chunk_label(r):>10} {r['median_s']:>10.3f} "
               f"{r['peak_mb']:>9.1f} {r['time_vs_open_clip']:>8.3f} {r['mem_vs_open_clip']:>8.3f} "
               f"{r['vs_floor']:>8.2f}x")
 
@@ -204,11 +255,15 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--chunk", type=parse_chunk, nargs="+", default=[None], metavar="auto|ROWS",
                    help="chunk sizes for the chunked path: auto (the loss's default, the default here) or rows")
-    p.add_argument("--kinds", nargs="+", default=["clip", "siglip"], choices=sorted(IMPLS))
-    p.add_argument("--impls", nargs="+", default=None, help="subset of open_clip naive chunked")
+    p.add_argument("--kinds", nargs="+", default=None, choices=sorted(IMPLS),
+                   help="default: clip siglip, or only multi_positive when --multi-positive is given")
+    p.add_argument("--multi-positive", type=int, default=None, metavar="K",
+                   help="run the multi-positive InfoNCE with K texts per image: chunked vs materialized")
+    p.add_argument("--impls", nargs="+", default=None, help="subset of open_clip naive chunked (materialized)")
     p.add_argument("--reps", type=int, default=3, help="timed runs after one warm-up (median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the children (0 = torch default)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "loss_bench_cpu.json"))
+    p.add_argument("--out", default=None, help="JSON path (default: results/loss_bench_cpu.json, or "
+                   "results/loss_bench_multi_positive_cpu.json when only the multi-positive case runs)")
     p.add_argument("--child", nargs=6, metavar=("KIND", "IMPL", "B", "D", "CHUNK", "REPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -218,31 +273,46 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         kind, impl, batch, dim, chunk, reps = args.child
         print(json.dumps({"flops": gemm_rate(args.dim)} if kind == "gemm" else
-                         measure(kind, impl, int(batch), int(dim), parse_chunk(chunk), int(reps))))
+                         measure(kind, impl, int(batch), int(dim), parse_chunk(chunk), int(reps),
+                                 args.multi_positive or 1)))
         return
+    kinds = args.kinds or (["multi_positive"] if args.multi_positive else ["clip", "siglip"])
+    if args.out is None:
+        name = "loss_bench_multi_positive_cpu.json" if kinds == ["multi_positive"] else "loss_bench_cpu.json"
+        args.out = str(Path(__file__).parent / "results" / name)
+    if "multi_positive" in kinds and not args.multi_positive:
+        p.error("--kinds multi_positive needs --multi-positive K")
 
     batches = sorted(set(args.batch))
     rate = run_child("gemm", "-", 0, args.dim, 1, 0, args.threads)["flops"]
     print(f"device: {device_name()}; D={args.dim}, fp32, median of {args.reps} after 1 warm-up; "
           f"measured fp32 GEMM rate {rate / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
-    for kind in args.kinds:
+    for kind in kinds:
+        texts = args.multi_positive if kind == "multi_positive" else 1
         for batch in batches:
             group = []
-            for impl in args.impls or IMPLS[kind]:
+            for impl in [i for i in (args.impls or IMPLS[kind]) if i in IMPLS[kind]]:
                 for chunk in (args.chunk if impl == "chunked" else [0]):
-                    r = run_child(kind, impl, batch, args.dim, chunk, args.reps, args.threads)
-                    print(f"  {kind} B={batch} {impl} chunk={chunk_label(r)}: {r['median_s']:.3f} s, "
-                          f"{r['peak_mb']:.1f} MB", flush=True)
+                    r = run_child(kind, impl, batch, args.dim, chunk, args.reps, args.threads, texts)
+                    print(f"  {kind} B={batch}{f' K={texts}' if texts > 1 else ''} {impl} chunk={chunk_label(r)}: "
+                          f"{r['median_s']:.3f} s, {r['peak_mb']:.1f} MB", flush=True)
                     group.append(r)
-            ref = next((r for r in group if r["impl"] == "open_clip"), None)
-            floor_s = MATMULS[kind] * 2 * batch ** 2 * args.dim / rate if kind in MATMULS else float("nan")
+            # The baseline of the ratios: open_clip, or for multi_positive the materialized [B, B·K] loss.
+            ref = next((r for r in group if r["impl"] in ("open_clip", "materialized")), None)
+            floor_s = (MATMULS[kind] * 2 * batch ** 2 * texts * args.dim / rate if kind in MATMULS
+                       else float("nan"))
             for r in group:
                 r["time_vs_open_clip"] = r["median_s"] / ref["median_s"] if ref else float("nan")
                 r["mem_vs_open_clip"] = r["peak_mb"] / ref["peak_mb"] if ref else float("nan")
                 r["floor_s"], r["vs_floor"] = floor_s, r["median_s"] / floor_s
             rows += group
     print_table(rows)
+    for r in rows:
+        if r["kind"] == "multi_positive" and r["impl"] == "chunked":
+            print(f"multi_positive B={r['batch']} K={r['texts']} chunked / materialized: time "
+                  f"{r['time_vs_open_clip']:.3f}x, peak memory {r['mem_vs_open_clip']:.4f}x "
+                  f"({r['peak_mb']:.0f} MB vs {r['peak_mb'] / r['mem_vs_open_clip']:.0f} MB)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device_name(), "dim": args.dim, "dtype": "float32", "reps": args.reps,

@@ -247,3 +247,214 @@ def distill_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, teacher
         torch.mm(grad, kc, out=dq[lo:hi])
         dk.addmm_(grad.T, qc)
     return total, dq, dk
+
+
+# Several texts per image. The columns k [M, D] are then every gathered text slot: each has an
+# owner (the global row of its image, or −1 for a hard negative) and a validity flag. Row i's
+# positives P_i are the valid columns whose owner is row i + row_offset; invalid columns take
+# no part in any pair. The block never builds an [b, M] mask: invalid columns are an additive
+# −inf column bias folded into the logits GEMM, and the targets (at most K per row) are
+# addressed by (row, column) index lists.
+
+
+def _column_bias(col_valid: torch.Tensor, value: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """[M]: `value` on valid columns, −inf on invalid ones (added to every row of the logits)."""
+    return torch.where(col_valid.bool(), torch.as_tensor(value, dtype=dtype, device=col_valid.device),
+                       torch.tensor(float("-inf"), dtype=dtype, device=col_valid.device))
+
+
+def owned_targets(owner: torch.Tensor, col_valid: torch.Tensor, row_offset: int, rows: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, column) pairs of this block's positives, sorted by row.
+
+    Args:
+        owner: [M] int, the global image row of each column (−1: a negative). col_valid: [M] bool.
+        row_offset, rows: this block holds global rows `row_offset : row_offset + rows`.
+    Returns: target_rows [n] (block-local rows, ascending) and target_cols [n].
+    """
+    mine = col_valid.bool() & (owner >= row_offset) & (owner < row_offset + rows)
+    cols = mine.nonzero().squeeze(1)
+    target_rows = owner[cols] - row_offset
+    order = torch.argsort(target_rows, stable=True)
+    return target_rows[order], cols[order]
+
+
+def _chunk_targets(target_rows: torch.Tensor, target_cols: torch.Tensor, bounds: list[int], index: int, lo: int):
+    """The targets of chunk `index` (rows lo:…), as chunk-local rows and columns."""
+    start, stop = bounds[index], bounds[index + 1]
+    return target_rows[start:stop] - lo, target_cols[start:stop]
+
+
+def _target_bounds(target_rows: torch.Tensor, starts: list[int], rows: int) -> list[int]:
+    """Index of each chunk's first target in the row-sorted lists (one host sync for the block)."""
+    edges = torch.tensor([*starts, rows], dtype=target_rows.dtype, device=target_rows.device)
+    return torch.searchsorted(target_rows, edges).tolist()
+
+
+@torch.no_grad()
+def multi_positive_infonce_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, owner: torch.Tensor,
+                                 col_valid: torch.Tensor, row_offset: int, chunk: int | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax statistics of l = s·q·kᵀ over valid columns (rows) and over this block's rows (columns).
+
+    Args:
+        q: [b, D] this block's image rows (global rows row_offset : row_offset + b).
+        k: [M, D] every text column. scale: 0-dim or [1], s.
+        owner: [M] int64 global image row of each column, −1 for a negative. col_valid: [M] bool.
+        chunk: rows per chunk (None: from `CHUNK_ELEMS`).
+    Returns:
+        row_lse [b]: logsumexp over the valid columns (−inf for every row when none is valid);
+        col_ref [M], col_sumexp [M]: as in `infonce_block_stats` for the valid columns (an
+            invalid column's sum is 0, its log-sum-exp −inf: it is never used);
+        target [M]: l_{o(j) − row_offset, j} for the valid columns owned by this block, 0 elsewhere.
+    """
+    cdt = compute_dtype(q)
+    s = _scalar(scale, cdt)
+    kc = k.to(cdt)
+    b, m = q.shape[0], k.shape[0]
+    row_lse = torch.full((b,), float("-inf"), dtype=cdt, device=q.device)
+    col_ref = torch.zeros(m, dtype=cdt, device=q.device)
+    col_sum = torch.zeros(m, dtype=cdt, device=q.device)
+    target = torch.zeros(m, dtype=cdt, device=q.device)
+    col_valid = col_valid.bool()
+    if b == 0 or not bool(col_valid.any()):
+        return row_lse, col_ref, col_sum, target
+    col_ref.fill_(float("-inf"))
+    col_bias = _column_bias(col_valid, 0.0, cdt)
+    target_rows, target_cols = owned_targets(owner, col_valid, row_offset, b)
+    ranges = list(_chunks(b, chunk, m))
+    bounds = _target_bounds(target_rows, [lo for lo, _ in ranges], b)
+    for index, (lo, hi) in enumerate(ranges):
+        qs = q[lo:hi].to(cdt) * s
+        logits = torch.addmm(col_bias, qs, kc.T)  # invalid columns −inf
+        rows, cols = _chunk_targets(target_rows, target_cols, bounds, index, lo)
+        target[cols] = logits[rows, cols]
+        row_max = logits.amax(dim=1)  # finite: at least one valid column
+        shifted_exp = logits.sub_(row_max[:, None]).exp_()
+        row_lse[lo:hi] = row_max + shifted_exp.sum(dim=1).log()
+        chunk_max = row_max.max()
+        chunk_sum = torch.exp(row_max - chunk_max) @ shifted_exp
+        del logits, shifted_exp
+        chunk_ref = chunk_max.expand(m).clone()
+        underflowed = ((chunk_sum < _SHARED_REFERENCE_FLOOR) & col_valid).nonzero().squeeze(1)
+        if underflowed.numel():
+            exact = qs @ kc[underflowed].T
+            exact_max = exact.amax(dim=0)
+            chunk_ref[underflowed] = exact_max
+            chunk_sum[underflowed] = exact.sub_(exact_max).exp_().sum(dim=0)
+        new_ref = torch.maximum(col_ref, chunk_ref)
+        col_sum = col_sum * torch.exp(col_ref - new_ref) + chunk_sum * torch.exp(chunk_ref - new_ref)
+        col_ref = new_ref
+    return row_lse, col_ref, col_sum, target
+
+
+def _log_coefficient_shift(lse: torch.Tensor, coef: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """lse − log(coef): exp(l − shift) = coef·exp(l − lse). A zero coefficient (or an unused −inf
+    log-sum-exp) gives +inf, so its whole row/column of the gradient is exactly 0, never NaN."""
+    lse, coef = lse.to(cdt), coef.to(cdt)
+    return torch.where(coef > 0, torch.nan_to_num(lse, neginf=0.0) - coef.log(),
+                       torch.tensor(float("inf"), dtype=cdt, device=lse.device))
+
+
+@torch.no_grad()
+def multi_positive_infonce_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, owner: torch.Tensor,
+                                 col_valid: torch.Tensor, row_offset: int, row_lse: torch.Tensor,
+                                 col_lse: torch.Tensor, row_coef: torch.Tensor, col_coef: torch.Tensor,
+                                 chunk: int | None = None, *, need_q: bool = True, need_k: bool = True
+                                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Unscaled gradients of Σ_i a_i·ℓ_i + Σ_j c_j·ℓ_j (the multi-positive InfoNCE) for this block.
+
+    G_ij = a_i (P^row_ij − [j∈P_i]/|P_i|) + c_j (P^col_ij − [i = o(j)]) = dL/dl_ij, with
+    P^row_ij = exp(l_ij − row_lse_i) on valid columns (0 on invalid ones) and
+    P^col_ij = exp(l_ij − col_lse_j), col_lse the *global* column log-sum-exp over all images.
+
+    Args:
+        q [b, D], k [M, D], scale, owner [M], col_valid [M], row_offset, chunk: as in
+            `multi_positive_infonce_stats`.
+        row_lse: [b] the rows' complete log-sum-exp (own-scope negatives merged in by the caller).
+        col_lse: [M] merged over every block of the global batch.
+        row_coef: [b] a_i (0 for a row with no valid positive); col_coef: [M] c_j (0 for invalid
+            columns and negatives).
+    Returns: dq = G·k [b, D] and dk = Gᵀ·q [M, D] (None where not needed), NOT multiplied by s.
+    """
+    cdt = compute_dtype(q)
+    s = _scalar(scale, cdt)
+    kc = k.to(cdt)
+    b, m = q.shape[0], k.shape[0]
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device) if need_q else None
+    dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_k else None
+    if not (need_q or need_k) or b == 0:
+        return dq, dk
+    col_valid = col_valid.bool()
+    row_coef, col_coef = row_coef.to(cdt), col_coef.to(cdt)
+    row_shift = _log_coefficient_shift(row_lse, row_coef, cdt)
+    col_shift = _log_coefficient_shift(col_lse, col_coef, cdt)
+    col_bias = _column_bias(col_valid, 0.0, cdt)
+    target_rows, target_cols = owned_targets(owner, col_valid, row_offset, b)
+    positives = torch.bincount(target_rows, minlength=b).to(cdt)
+    # a_i/|P_i| + c_j at each target (i, j): both directions' one-hot targets, one subtraction.
+    target_weight = row_coef[target_rows] / positives[target_rows] + col_coef[target_cols]
+    ranges = list(_chunks(b, chunk, m))
+    bounds = _target_bounds(target_rows, [lo for lo, _ in ranges], b)
+    for index, (lo, hi) in enumerate(ranges):
+        qc = q[lo:hi].to(cdt)
+        logits = torch.addmm(col_bias, qc * s, kc.T)
+        grad = torch.sub(logits, row_shift[lo:hi, None]).exp_()
+        grad += logits.sub_(col_shift[None, :]).exp_()
+        del logits
+        rows, cols = _chunk_targets(target_rows, target_cols, bounds, index, lo)
+        grad.index_put_((rows, cols), -target_weight[bounds[index]:bounds[index + 1]], accumulate=True)
+        if dq is not None:
+            torch.mm(grad, kc, out=dq[lo:hi])
+        if dk is not None:
+            dk.addmm_(grad.T, qc)
+    return dq, dk
+
+
+@torch.no_grad()
+def multi_positive_sigmoid_block(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                                 owner: torch.Tensor, col_valid: torch.Tensor, row_offset: int,
+                                 chunk: int | None = None, *, need_grads: bool = True):
+    """The multi-positive sigmoid loss of this block and its unscaled gradients, in one pass.
+
+    l = s·q·kᵀ + β; y_ij = +1 where owner_j = i + row_offset, −1 elsewhere; pairs with an
+    invalid column are skipped. Negatives are owner −1 columns (−1 against every row).
+
+    Args:
+        q [b, D], k [M, D], scale, owner [M], col_valid [M], row_offset, chunk: as in
+            `multi_positive_infonce_stats`; bias: β.
+    Returns:
+        loss_sum 0-dim (Σ_{i, valid j} softplus(−y_ij·l_ij)); with need_grads also dq = G·k [b, D],
+        dk = Gᵀ·q [M, D] and grad_sum = Σ G_ij, G_ij = σ(l_ij) − [y_ij = +1] (0 on invalid
+        columns); otherwise those three are None.
+    """
+    cdt = compute_dtype(q)
+    s, beta = _scalar(scale, cdt), _scalar(bias, cdt)
+    kc = k.to(cdt)
+    b, m = q.shape[0], k.shape[0]
+    total = torch.zeros((), dtype=cdt, device=q.device)
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device) if need_grads else None
+    dk = torch.zeros(kc.shape, dtype=cdt, device=q.device) if need_grads else None
+    grad_sum = torch.zeros((), dtype=cdt, device=q.device) if need_grads else None
+    if b == 0:
+        return total, dq, dk, grad_sum
+    # β on valid columns, −inf on invalid ones: softplus(−inf) = σ(−inf) = 0 drops their pairs.
+    col_bias = _column_bias(col_valid, beta, cdt)
+    target_rows, target_cols = owned_targets(owner, col_valid, row_offset, b)
+    ranges = list(_chunks(b, chunk, m))
+    bounds = _target_bounds(target_rows, [lo for lo, _ in ranges], b)
+    for index, (lo, hi) in enumerate(ranges):
+        qc = q[lo:hi].to(cdt)
+        logits = torch.addmm(col_bias, qc * s, kc.T)
+        rows, cols = _chunk_targets(target_rows, target_cols, bounds, index, lo)
+        # z = −y·l, the positives negated in place (see `sigmoid_block`).
+        logits[rows, cols] = -logits[rows, cols]
+        total += F.softplus(logits).sum()
+        if not need_grads:
+            continue
+        grad = logits.sigmoid_()
+        grad[rows, cols] = -grad[rows, cols]
+        grad_sum += grad.sum()
+        torch.mm(grad, kc, out=dq[lo:hi])
+        dk.addmm_(grad.T, qc)
+    return total, dq, dk, grad_sum

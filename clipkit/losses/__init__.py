@@ -7,6 +7,7 @@ from clipkit.losses.coca import CocaLoss
 from clipkit.losses.distill import DistillLoss
 from clipkit.losses.filip import FilipLoss
 from clipkit.losses.logit_scale import LogitScale
+from clipkit.losses.multi_text import MultiTextLoss
 from clipkit.losses.siglip import SigLipLoss
 
-__all__ = ["ClipLoss", "CocaLoss", "DistillLoss", "FilipLoss", "LogitScale", "SigLipLoss"]
+__all__ = ["ClipLoss", "CocaLoss", "DistillLoss", "FilipLoss", "LogitScale", "MultiTextLoss", "SigLipLoss"]

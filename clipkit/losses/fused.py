@@ -19,6 +19,9 @@ The block math comes from a kernel set (`clipkit.kernels.chunked_contrastive` or
   [b, D] gradients are kept for backward. `exchange="ring"` does the same arithmetic with
   O(b·D) memory instead of O(B·D): text blocks and their gradient accumulators travel
   round the ranks by point-to-point sends, the next block prefetched while one is scored.
+  Multi-positive InfoNCE and sigmoid (several texts per image, `loss=multi_text*`): the same
+  schemes over b images × W·b·K text columns, an owner index per column instead of "row i's
+  positive is column i"; chunked kernels only (no Triton); see `multi_positive_clip_loss`.
 
 Gradient scaling. Every rank returns W × (its share of the global loss); the shares sum to
 the global loss, so the mean over ranks of the returned values is the global loss. Backward
@@ -40,10 +43,13 @@ from clipkit import distributed
 from clipkit.errors import ClipkitConfigError
 from clipkit.kernels import filip_similarity as tiled_filip_similarity
 from clipkit.losses.functional import (
+    NEGATIVE_SCOPES,
     clip_loss_block,
     contrastive_ce_block,
     distill_kl_block,
     filip_similarity,
+    multi_positive_clip_loss_block,
+    multi_positive_siglip_loss_block,
     siglip_loss_block,
 )
 
@@ -403,3 +409,279 @@ def filip_loss(image_tokens: torch.Tensor, image_mask: torch.Tensor | None, text
     text_to_image = late_interaction(text_tokens, text_mask, image_all, image_mask_all, impl=impl,
                                      block_elems=block_elems)
     return contrastive_ce_block(image_to_text, text_to_image, logit_scale, offset) * world
+
+
+# Several texts per image: the multi-positive losses over the global batch. Each rank's text
+# slots are flattened to columns only here: its [b, K, D] positives, then (scope "all") its
+# [b, Kn, D] hard negatives, all-gathered as one [b·(K + Kn), D] block per rank, with the masks
+# as uint8 (gloo has no bool collectives). Owners need no exchange: ranks hold equal b and K,
+# so rank r's positive slot (n, k) belongs to global image r·b + n. N_img and N_pos come from
+# the gathered masks (the same numbers an all-reduce would give, without another collective).
+# Own-scope negatives never leave their rank: a [b, Kn] term per row, computed apart.
+
+
+def multi_positive_kernels(impl: str, device: torch.device) -> ModuleType:
+    """The kernel set of the multi-positive losses: the chunked kernels for auto|chunked on every
+    device. There are no Triton multi-positive kernels, so impl=triton is refused."""
+    if impl == "triton":
+        raise ClipkitConfigError("loss.impl=triton: there are no Triton kernels for the multi-positive losses "
+                                 "(loss=multi_text*); use loss.impl=auto, chunked or naive")
+    check_impl(impl)
+    return importlib.import_module(KERNEL_MODULES["chunked"])
+
+
+def _check_multi_text(image: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, negatives: torch.Tensor | None,
+                      negatives_valid: torch.Tensor | None, negative_scope: str) -> None:
+    b, d = image.shape
+    if text.dim() != 3 or text.shape[0] != b or text.shape[2] != d or tuple(valid.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"multi-positive loss needs image [b, D], text [b, K, D] and valid [b, K]; got "
+                         f"{tuple(image.shape)}, {tuple(text.shape)}, {tuple(valid.shape)}")
+    if negatives is not None and (negatives.dim() != 3 or negatives.shape[0] != b or negatives.shape[2] != d or (
+            negatives_valid is not None and tuple(negatives_valid.shape) != tuple(negatives.shape[:2]))):
+        raise ValueError(f"hard negatives need [b, Kn, D] features and a [b, Kn] mask; got {tuple(negatives.shape)}"
+                         f" and {None if negatives_valid is None else tuple(negatives_valid.shape)}")
+    if negative_scope not in NEGATIVE_SCOPES:
+        raise ValueError(f"negative_scope must be one of {NEGATIVE_SCOPES}, got {negative_scope!r}")
+
+
+def _local_columns(text, valid, negatives, negatives_valid, negative_scope):
+    """(columns [m, D], column mask [m] bool, own negatives [b, Kn, D] or None, their mask) of this
+    rank: m = b·K, plus b·Kn with scope "all". The concatenation is autograd's, so the gradient
+    of the columns reaches text and negatives."""
+    b, k, d = text.shape
+    columns, column_valid = text.reshape(b * k, d), valid.reshape(-1).bool()
+    own, own_valid = None, None
+    if negatives is not None:
+        neg_valid = (torch.ones(negatives.shape[:2], dtype=torch.bool, device=negatives.device)
+                     if negatives_valid is None else negatives_valid.bool())
+        if negative_scope == "all":
+            columns = torch.cat([columns, negatives.reshape(-1, d)])
+            column_valid = torch.cat([column_valid, neg_valid.reshape(-1)])
+        else:
+            own, own_valid = negatives, neg_valid
+    return columns, column_valid, own, own_valid
+
+
+def _gathered_columns(columns, column_valid, b, k):
+    """All ranks' columns [W·m, D], masks [W·m], owners [W·m] (global image row, −1 for a
+    negative), and the global positive mask [W·b, K]."""
+    world, m = distributed.world_size(), columns.shape[0]
+    columns_all = distributed.all_gather_rows(columns)
+    valid_all = distributed.all_gather_rows(column_valid.to(torch.uint8)).bool()
+    local_owner = torch.full((m,), -1, dtype=torch.long, device=columns.device)
+    local_owner[:b * k] = torch.arange(b, device=columns.device).repeat_interleave(k)
+    ranks = torch.arange(world, device=columns.device)[:, None]
+    owner_all = torch.where(local_owner >= 0, local_owner + ranks * b, -1).reshape(-1)
+    positives_all = valid_all.reshape(world, m)[:, :b * k].reshape(world * b, k)
+    return columns_all, valid_all, owner_all, positives_all
+
+
+def _own_negative_logits(image, own, own_valid, scale, cdt):
+    """[b, Kn] s·⟨v_i, n_ik⟩ of each image with its own negatives (−inf where invalid)."""
+    logits = torch.einsum("nd,nkd->nk", image.to(cdt), own.to(cdt)) * scale.reshape(()).to(cdt)
+    return logits.masked_fill(~own_valid, float("-inf"))
+
+
+class _FusedMultiPositiveInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, columns, own, scale, column_valid, own_valid, k, kernels, chunk):
+        b = image.shape[0]
+        world, offset = distributed.world_size(), distributed.rank() * b
+        with torch.autocast(image.device.type, enabled=False):
+            columns_all, valid_all, owner_all, positives_all = _gathered_columns(columns, column_valid, b, k)
+            n_img, n_pos = positives_all.any(dim=1).sum(), positives_all.sum()
+            row_lse, col_ref, col_sum, target = kernels.multi_positive_infonce_stats(
+                image.detach(), columns_all, scale.detach(), owner_all, valid_all, offset, chunk)
+            cdt = row_lse.dtype
+            global_ref = distributed.all_reduce(col_ref, "max")
+            col_sum = distributed.all_reduce(col_sum * torch.exp(col_ref - global_ref), "sum")
+            col_lse = global_ref + torch.log(col_sum)
+            own_logits = None
+            if own is not None:
+                own_logits = _own_negative_logits(image.detach(), own.detach(), own_valid, scale.detach(), cdt)
+                row_lse = torch.logaddexp(row_lse, own_logits.logsumexp(dim=1))
+            # a_i = 1/(2 N_img) for an image with a valid positive, c_j = 1/(2 N_pos) for a valid positive.
+            positives = positives_all[offset:offset + b]
+            row_coef = positives.any(dim=1).to(cdt) / (2 * n_img.clamp(min=1).to(cdt))
+            col_coef = torch.zeros(valid_all.shape, dtype=cdt, device=image.device)
+            col_coef[owner_all >= 0] = positives_all.reshape(-1).to(cdt) / (2 * n_pos.clamp(min=1).to(cdt))
+            # This rank owns its images' rows and its own texts' columns (whose targets are its rows).
+            m = columns.shape[0]
+            own_target = target[distributed.rank() * m:][:b * k].reshape(b, k)
+            counts = positives.sum(dim=1).clamp(min=1).to(cdt)
+            row_terms = row_lse - torch.where(positives, own_target, 0.0).sum(dim=1) / counts
+            share = torch.where(row_coef > 0, row_coef * row_terms, 0.0).sum()
+            mine = slice(distributed.rank() * m, distributed.rank() * m + b * k)
+            share = share + torch.where(col_coef[mine] > 0, col_coef[mine] * (col_lse[mine] - target[mine]), 0.0).sum()
+        ctx.save_for_backward(image, columns_all, own, scale, valid_all, owner_all, own_valid, row_lse, col_lse,
+                              row_coef, col_coef, own_logits)
+        ctx.kernels, ctx.chunk, ctx.world, ctx.offset = kernels, chunk, world, offset
+        return share * world
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (image, columns_all, own, scale, valid_all, owner_all, own_valid, row_lse, col_lse, row_coef, col_coef,
+         own_logits) = ctx.saved_tensors
+        need_i, need_c, need_o, need_s = ctx.needs_input_grad[:4]
+        with torch.autocast(image.device.type, enabled=False):
+            dq, dk = ctx.kernels.multi_positive_infonce_grads(
+                image.detach(), columns_all, scale.detach(), owner_all, valid_all, ctx.offset, row_lse, col_lse,
+                row_coef, col_coef, ctx.chunk, need_q=need_i or need_s, need_k=need_c)
+            cdt = row_lse.dtype
+            d_own = None
+            if own is not None:
+                # The own-scope negatives' part of row i's softmax: a_i·P^row_ik (no target there).
+                # where(): a row with no positive may have no valid column either (−inf − −inf).
+                g_own = torch.where(row_coef[:, None] > 0, torch.exp(own_logits - row_lse[:, None]) * row_coef[:, None],
+                                    0.0)
+                if dq is not None:
+                    dq = dq + torch.einsum("nk,nkd->nd", g_own, own.to(cdt))
+                d_own = g_own[:, :, None] * image.detach().to(cdt)[:, None, :]
+            coef = grad_out.to(cdt) * ctx.world
+            s = scale.detach().reshape(()).to(cdt)
+            d_image = (dq * (s * coef)).to(image.dtype) if need_i else None
+            d_columns = (distributed.reduce_scatter_rows(dk) * (s * coef)).to(columns_all.dtype) if need_c else None
+            d_own = (d_own * (s * coef)).to(own.dtype) if need_o else None
+            d_scale = (((dq * image.to(cdt)).sum() * coef).reshape(scale.shape).to(scale.dtype) if need_s else None)
+        return d_image, d_columns, d_own, d_scale, None, None, None, None, None
+
+
+class _FusedMultiPositiveSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, columns, own, scale, bias, column_valid, own_valid, k, kernels, chunk):
+        b = image.shape[0]
+        world, offset = distributed.world_size(), distributed.rank() * b
+        need_i, need_c, need_o, need_s, need_b = ctx.needs_input_grad[:5]
+        need_grads = need_i or need_c or need_o or need_s or need_b
+        with torch.autocast(image.device.type, enabled=False):
+            columns_all, valid_all, owner_all, _ = _gathered_columns(columns, column_valid, b, k)
+            total, dq, dk, grad_sum = kernels.multi_positive_sigmoid_block(
+                image.detach(), columns_all, scale.detach(), bias.detach(), owner_all, valid_all, offset, chunk,
+                need_grads=need_grads)
+            cdt = total.dtype
+            g_own = None
+            if own is not None:  # −1 pairs of each image with its own negatives
+                own_logits = _own_negative_logits(image.detach(), own.detach(), own_valid, scale.detach(), cdt)
+                own_logits = own_logits + bias.detach().reshape(()).to(cdt)
+                total = total + torch.nn.functional.softplus(own_logits).sum()  # softplus(−inf) = 0
+                g_own = own_logits.sigmoid()
+            coef = world / (b * world)  # W × (1/B)
+            if need_grads:
+                s = scale.detach().reshape(()).to(cdt)
+                if g_own is not None:
+                    dq = dq + torch.einsum("nk,nkd->nd", g_own, own.detach().to(cdt))
+                    grad_sum = grad_sum + g_own.sum()
+                d_columns = distributed.reduce_scatter_rows(dk) * (s * coef) if need_c else None
+                d_own = (g_own[:, :, None] * image.detach().to(cdt)[:, None, :]) * (s * coef) if need_o else None
+                d_scale = (dq * image.detach().to(cdt)).sum() * coef if need_s else None
+                d_image = dq * (s * coef) if need_i else None
+                ctx.save_for_backward(d_image, d_columns, d_own, d_scale, grad_sum * coef)
+        ctx.shapes = (image.dtype, columns.dtype, None if own is None else own.dtype, scale.shape, scale.dtype,
+                      bias.shape, bias.dtype)
+        return total * coef
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        d_image, d_columns, d_own, d_scale, d_bias = ctx.saved_tensors
+        need_i, need_c, need_o, need_s, need_b = ctx.needs_input_grad[:5]
+        i_dtype, c_dtype, o_dtype, s_shape, s_dtype, b_shape, b_dtype = ctx.shapes
+        g = grad_out.to(d_bias.dtype)
+        return ((d_image * g).to(i_dtype) if need_i else None,
+                (d_columns * g).to(c_dtype) if need_c else None,
+                (d_own * g).to(o_dtype) if need_o else None,
+                (d_scale * g).reshape(s_shape).to(s_dtype) if need_s else None,
+                (d_bias * g).reshape(b_shape).to(b_dtype) if need_b else None,
+                None, None, None, None, None)
+
+
+def _gather_negatives(negatives, negatives_valid, negative_scope):
+    """Scope "all": every rank's negatives (differentiable) and masks; "own": this rank's."""
+    if negatives is None or negative_scope == "own":
+        return negatives, negatives_valid
+    valid = None if negatives_valid is None else _gather_mask(negatives_valid.bool())
+    return distributed.all_gather_with_grad(negatives), valid
+
+
+def naive_multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, valid: torch.Tensor,
+                                   logit_scale: torch.Tensor, *, negatives: torch.Tensor | None = None,
+                                   negatives_valid: torch.Tensor | None = None,
+                                   negative_scope: str = "all") -> torch.Tensor:
+    """`multi_positive_clip_loss` materialized: differentiable all-gathers, then this rank's rows
+    (`functional.multi_positive_clip_loss_block`). Same arguments and result."""
+    image_all = distributed.all_gather_with_grad(image)
+    text_all = distributed.all_gather_with_grad(text)
+    world, offset = _block_layout(image.shape[0], image_all.shape[0])
+    negatives, negatives_valid = _gather_negatives(negatives, negatives_valid, negative_scope)
+    return multi_positive_clip_loss_block(image, text, valid, image_all, text_all, _gather_mask(valid.bool()),
+                                          logit_scale, offset, negatives=negatives, negatives_valid=negatives_valid,
+                                          negative_scope=negative_scope) * world
+
+
+def multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, valid: torch.Tensor,
+                             logit_scale: torch.Tensor, *, negatives: torch.Tensor | None = None,
+                             negatives_valid: torch.Tensor | None = None, negative_scope: str = "all",
+                             impl: str = "auto", chunk: int | None = None) -> torch.Tensor:
+    """Multi-positive softmax InfoNCE of the global batch (`functional.multi_positive_clip_loss`),
+    sharded by rows over the process group; exact at any world size.
+
+    Args:
+        image: [b, D] this rank's L2-normalized image features (b equal on all ranks).
+        text: [b, K, D] each image's K positive text slots (K equal on all ranks); valid: [b, K] bool.
+        logit_scale: 0-dim or [1], s.
+        negatives: [b, Kn, D] hard negatives or None; negatives_valid: [b, Kn] bool or None (all valid).
+        negative_scope: "all" (a column of every image's row) | "own" (its own image's row only).
+        impl: "auto" | "chunked" (the chunked kernels on every device) | "naive" (materialized,
+            `naive_multi_positive_clip_loss`); "triton" is refused (no such kernels).
+        chunk: rows per chunk (None: the chunked kernels' default).
+    Returns:
+        0-dim float32 (float64 for float64 inputs): on one process the global loss; on W ranks
+        W × this rank's share (the mean over ranks is the global loss). Gradients reach image,
+        text, negatives, and s. K = 1, all valid, no negatives: `fused_clip_loss`.
+    """
+    _check_multi_text(image, text, valid, negatives, negatives_valid, negative_scope)
+    kernels = multi_positive_kernels(impl, image.device)
+    if impl == "naive":
+        return naive_multi_positive_clip_loss(image, text, valid, logit_scale, negatives=negatives,
+                                              negatives_valid=negatives_valid, negative_scope=negative_scope)
+    columns, column_valid, own, own_valid = _local_columns(text, valid, negatives, negatives_valid, negative_scope)
+    return _FusedMultiPositiveInfoNCE.apply(image, columns, own, logit_scale, column_valid, own_valid,
+                                            text.shape[1], kernels, chunk)
+
+
+def naive_multi_positive_siglip_loss(image: torch.Tensor, text: torch.Tensor, valid: torch.Tensor,
+                                     logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
+                                     negatives: torch.Tensor | None = None,
+                                     negatives_valid: torch.Tensor | None = None,
+                                     negative_scope: str = "all") -> torch.Tensor:
+    """`multi_positive_siglip_loss` materialized (`functional.multi_positive_siglip_loss_block` on
+    differentiable all-gathers). Same arguments and result."""
+    text_all = distributed.all_gather_with_grad(text)
+    world, offset = _block_layout(image.shape[0], text_all.shape[0])
+    negatives, negatives_valid = _gather_negatives(negatives, negatives_valid, negative_scope)
+    return multi_positive_siglip_loss_block(image, text_all, _gather_mask(valid.bool()), logit_scale, logit_bias,
+                                            offset, negatives=negatives, negatives_valid=negatives_valid,
+                                            negative_scope=negative_scope) * world
+
+
+def multi_positive_siglip_loss(image: torch.Tensor, text: torch.Tensor, valid: torch.Tensor,
+                               logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
+                               negatives: torch.Tensor | None = None, negatives_valid: torch.Tensor | None = None,
+                               negative_scope: str = "all", impl: str = "auto",
+                               chunk: int | None = None) -> torch.Tensor:
+    """Multi-positive sigmoid loss of the global batch (FLAIR's MPS,
+    `functional.multi_positive_siglip_loss`), sharded like `multi_positive_clip_loss`.
+
+    Args: as `multi_positive_clip_loss`, plus logit_bias (0-dim or [1], β).
+    Returns: 0-dim: on one process the global loss; on W ranks W × this rank's share. Gradients
+        reach image, text, negatives, s and β. K = 1, all valid, no negatives: `fused_siglip_loss`.
+    """
+    _check_multi_text(image, text, valid, negatives, negatives_valid, negative_scope)
+    kernels = multi_positive_kernels(impl, image.device)
+    if impl == "naive":
+        return naive_multi_positive_siglip_loss(image, text, valid, logit_scale, logit_bias, negatives=negatives,
+                                                negatives_valid=negatives_valid, negative_scope=negative_scope)
+    columns, column_valid, own, own_valid = _local_columns(text, valid, negatives, negatives_valid, negative_scope)
+    return _FusedMultiPositiveSigmoid.apply(image, columns, own, logit_scale, logit_bias, column_valid, own_valid,
+                                            text.shape[1], kernels, chunk)
