@@ -289,3 +289,33 @@ def test_two_rank_selection_equals_one_rank(tmp_path: Path) -> None:
              join=True)
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == one, rank
+
+
+# -- late interaction (FILIP) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("block", [1, 3, 256])
+def test_late_interaction_selection_equals_per_pair_reference(block: int) -> None:
+    from clipkit.eval.late_interaction import late_interaction_metrics, own_image_scores
+    from clipkit.losses.functional import filip_similarity
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(7, 3, 8, generator=gen), dim=-1)
+    counts = [2, 3, 4, 2, 3, 2, 5]
+    owners = torch.repeat_interleave(torch.arange(7), torch.tensor(counts))
+    texts = torch.nn.functional.normalize(torch.randn(len(owners), 5, 8, generator=gen), dim=-1)
+    mask = torch.arange(5)[None] < torch.randint(1, 6, (len(owners), 1), generator=gen)
+    texts[3] = texts[2]
+    mask[3] = mask[2]   # image 1's first negative equals its true caption: a tie, a miss
+    got = own_image_scores(filip_similarity, images, texts, mask, owners, block=block)
+    want = torch.stack([filip_similarity(images[o:o + 1], None, texts[t:t + 1], mask[t:t + 1])[0, 0]
+                        for t, o in enumerate(owners.tolist())])
+    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=0)
+    metrics = late_interaction_metrics(filip_similarity, image_tokens=images, tasks=["selection", "retrieval"],
+                                       text_tokens=texts, text_mask=mask, text_image_index=owners)
+    first = np.r_[True, owners.numpy()[1:] != owners.numpy()[:-1]]
+    groups = [want.double().numpy()[owners.numpy() == i] for i in range(7)]
+    assert metrics["selection"]["acc"] == np.mean([all(g[1:] < g[0] - TIE_ATOL) for g in groups])
+    only_true = late_interaction_metrics(filip_similarity, image_tokens=images, tasks=["retrieval"],
+                                         text_tokens=texts[first], text_mask=mask[first],
+                                         text_image_index=owners[first])
+    assert metrics["retrieval"] == only_true["retrieval"]
