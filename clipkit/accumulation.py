@@ -23,7 +23,7 @@ to the same sample. Peak activation memory is one micro-batch's, plus the cached
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -44,6 +44,12 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
         torch.cuda.set_rng_state(state[1], device)
 
 
+def split_batch(batch: Mapping[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """A batch dict (dim 0 = the sample in every tensor) as `parts` micro-batch dicts."""
+    chunks = {name: value.chunk(parts) for name, value in batch.items()}
+    return [{name: pieces[i] for name, pieces in chunks.items()} for i in range(len(next(iter(chunks.values()))))]
+
+
 def join_outputs(micro: Sequence[dict]) -> dict:
     """Concatenates K micro-batches' outputs along the batch; per-step outputs come from the first."""
     joined = {}
@@ -59,8 +65,8 @@ class CachedGradientStep:
     """One training step of a DeepSpeed engine as K micro-batches, with the gradient of one K = 1 step.
 
     The engine wraps a `ContrastiveObjective` and was initialized with
-    `gradient_accumulation_steps = micro_batches`. Use: `loss, metrics = step.forward(images,
-    tokens)`, then (after any check on the loss) `step.backward()`, then `step.optimizer_step()`.
+    `gradient_accumulation_steps = micro_batches`. Use: `loss, metrics = step.forward(batch)`,
+    then (after any check on the loss) `step.backward()`, then `step.optimizer_step()`.
     """
 
     def __init__(self, engine, micro_batches: int):
@@ -68,18 +74,20 @@ class CachedGradientStep:
         self.micro_batches = micro_batches
         self._pending: list | None = None
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """images [b,3,H,W], tokens [b,L] (this rank's share, on the engine's device) ->
-        (rank loss, detached; metrics). Computes and keeps every output gradient for `backward`."""
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """batch: this rank's share as a dict of tensors (`ContrastiveObjective`), on the engine's
+        device -> (rank loss, detached; metrics). Computes and keeps every output gradient for `backward`."""
         objective, device = self.engine.module, torch.device(self.engine.device)
-        micro = list(zip(images.chunk(self.micro_batches), tokens.chunk(self.micro_batches)))
+        micro = split_batch(batch, self.micro_batches)
         rng, cached = [], []
         with torch.no_grad():
-            for micro_images, micro_tokens in micro:
+            for micro_batch in micro:
                 rng.append(_rng_state(device))
-                cached.append(self.engine(micro_images, micro_tokens, outputs_only=True))
+                cached.append(self.engine(micro_batch, outputs_only=True))
         joined = join_outputs(cached)
-        leaves = [name for name in DIFFERENTIABLE if joined.get(name) is not None]
+        # Every text role's features [b, K, D] are cached like `text`: GradCache over all texts.
+        differentiable = (*DIFFERENTIABLE, *objective.role_features())
+        leaves = [name for name in differentiable if joined.get(name) is not None]
         for name in leaves:
             joined[name] = joined[name].detach().requires_grad_(True)
         loss, metrics = objective.loss(**joined)
@@ -87,7 +95,7 @@ class CachedGradientStep:
         # autograd.grad, not backward: nothing lands in .grad, and DeepSpeed's hooks stay quiet
         # until the micro-batch backwards below.
         grads = torch.autograd.grad(loss, [joined[name] for name in leaves] + params, allow_unused=True)
-        sizes = [len(micro_images) for micro_images, _ in micro]
+        sizes = [len(micro_batch["image"]) for micro_batch in micro]
         feature_grads = {name: (torch.zeros_like(joined[name]) if g is None else g).split(sizes)
                          for name, g in zip(leaves, grads[:len(leaves)])}
         param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[len(leaves):])]
@@ -99,9 +107,9 @@ class CachedGradientStep:
         slice of the cached gradients; every micro-batch but the last is a DeepSpeed non-boundary."""
         micro, rng, feature_grads, param_grads, after = self._pending
         device = torch.device(self.engine.device)
-        for k, (micro_images, micro_tokens) in enumerate(micro):
+        for k, micro_batch in enumerate(micro):
             _set_rng_state(rng[k], device)
-            out = self.engine(micro_images, micro_tokens, outputs_only=True)
+            out = self.engine(micro_batch, outputs_only=True)
             surrogate = sum((out[name] * grads[k].to(out[name].dtype)).sum() for name, grads in feature_grads.items())
             # The loss's own parameters get their gradient once; the zero weight elsewhere keeps them
             # in every backward, as DeepSpeed's gradient hooks expect of a trainable parameter.

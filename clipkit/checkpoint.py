@@ -45,6 +45,7 @@ import torch
 from clipkit import distributed
 from clipkit.errors import ClipkitConfigError
 from clipkit.models.factory import open_clip_state_shapes
+from clipkit.models.positions import join_kept_positions
 from clipkit.run_dir import OPEN_CLIP_CONFIG, RunDir, atomic_write_bytes, atomic_write_text
 
 LATEST = "latest"
@@ -418,14 +419,15 @@ def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def to_open_clip_state_dict(objective_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Objective keys (`model.*`, `loss.*`) -> open_clip keys; loss scalars become 0-dim."""
+    """Objective keys (`model.*`, `loss.*`) -> open_clip keys; loss scalars become 0-dim; text
+    positions split into frozen and trained rows (`model.pos_stretch`) become one tensor again."""
     out = {}
     for key, value in objective_state.items():
         if key.startswith("model."):
             out[key[len("model."):]] = value
         elif key in _LOSS_TO_OPEN_CLIP:
             out[_LOSS_TO_OPEN_CLIP[key]] = value.reshape(())
-    return out
+    return join_kept_positions(out)
 
 
 def export_open_clip(run_dir: str | Path, out_dir: str | Path | None = None, tag: str | None = None) -> Path:

@@ -11,6 +11,7 @@ FLIP patch dropout for the unmasked tuning phase (`model.unmasked_tuning_steps`)
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,22 @@ OUTPUTS = {
     "teacher_text": Output("the frozen teacher's pooled text features", "[b, D_t]", _TEACHER),
     "teacher_logit_scale": Output("the teacher's exp(logit_scale)", "[1]", _TEACHER),
 }
+# Per text role r of `data.texts` (clipkit/data/texts.py), two more outputs, named after the role.
+_ROLES = "data.texts with that role"
+
+
+def role_outputs(role: str) -> dict[str, Output]:
+    """The outputs of text role `role`: its features `text_<role>` and their mask `text_<role>_valid`."""
+    return {f"text_{role}": Output(f"features of the {role!r} texts", "[b, K, D], L2-normalized", _ROLES),
+            f"text_{role}_valid": Output(f"the mask of the {role!r} texts", "[b, K] bool, True on real texts", _ROLES)}
+
+
+def output_info(name: str) -> Output:
+    """What `name` is, for error messages: a fixed output or a text role's."""
+    if name in OUTPUTS:
+        return OUTPUTS[name]
+    role = name[len("text_"):].removesuffix("_valid") if name.startswith("text_") else name
+    return role_outputs(role).get(name, Output(name, "?", _ROLES))
 
 
 class Teacher:
@@ -83,26 +100,40 @@ class Teacher:
 
 
 class ContrastiveObjective(nn.Module):
-    """forward(images [b,3,H,W], tokens [b,L]) -> (loss scalar, metrics of detached scalars).
+    """forward(batch) -> (loss scalar, metrics of detached scalars).
 
+    The batch is a dict of tensors with the sample on dim 0 (`clipkit.data`): `image` [b,3,H,W]
+    and either `text` [b,L] token ids (one caption per sample) or, per text role r of
+    `data.texts`, `text_<r>` [b,K_r,L_r] token ids and `text_<r>_valid` [b,K_r] bool.
     `loss` may be None for eval-only use, where only `encode_image`/`encode_text` are called.
     """
 
     def __init__(self, model: nn.Module, loss: nn.Module | None, *, teacher: Teacher | None = None,
                  tail_drop_max: int = 0, unmasked_tuning_from_step: int | None = None, seed: int = 0,
-                 pad_id: int = 0):
+                 pad_id: int = 0, text_roles: tuple[str, ...] = ()):
         super().__init__()
         self.model = model
         self.loss = loss
         self._teacher = teacher
+        self.text_roles = tuple(text_roles)
         self.tail_drop_max = tail_drop_max
         self.unmasked_tuning_from_step = unmasked_tuning_from_step
         self.seed = seed
         self.pad_id = pad_id
         self.drop_last = 0
 
+    def role_features(self) -> tuple[str, ...]:
+        """The names of the text roles' feature outputs (`text_<r>`), differentiable like `text`."""
+        return tuple(f"text_{role}" for role in self.text_roles)
+
     def missing_outputs(self, needs: tuple[str, ...]) -> list[str]:
-        """The names in `needs` this model cannot produce (checked at build time)."""
+        """The names in `needs` this model and batch cannot produce (checked at build time)."""
+        if self.text_roles:
+            # With text roles the batch has no single `text`: the towers' per-caption outputs go.
+            can = {"image"}
+            for role in self.text_roles:
+                can |= set(role_outputs(role))
+            return [n for n in needs if n not in can]
         can = {"image", "text"}
         if is_vision_transformer(self.model.visual) and getattr(self.model.visual, "attn_pool", None) is None \
                 and hasattr(self.model, "token_embedding"):
@@ -117,10 +148,24 @@ class ContrastiveObjective(nn.Module):
         """Raises a one-line config error naming the model to use when `needs` asks for more
         than this model gives."""
         missing = self.missing_outputs(needs)
-        if missing:
-            what = ", ".join(OUTPUTS[name].what for name in missing)
-            use = " or ".join(sorted({OUTPUTS[name].given_by for name in missing}))
-            raise ClipkitConfigError(f"loss={loss_name} needs {what} that model={model_name} cannot give; use {use}")
+        if not missing:
+            return
+        roles = ", ".join(self.text_roles)
+        unknown_roles = sorted({name[len("text_"):].removesuffix("_valid") for name in missing
+                                if name.startswith("text_") and name not in OUTPUTS})
+        if unknown_roles:
+            have = f"it defines {roles}" if roles else "data.texts is null (one caption per sample)"
+            raise ClipkitConfigError(
+                f"loss={loss_name} reads the text role(s) {', '.join(unknown_roles)}, which data.texts does not "
+                f"define ({have}); add them to data.texts or change the loss's terms")
+        if self.text_roles:
+            raise ClipkitConfigError(
+                f"loss={loss_name} needs {', '.join(missing)}, which a batch with the text roles {roles} "
+                f"(data.texts) does not give; use loss=multi_text|multi_text_sigmoid, whose terms name the "
+                f"roles, or data.texts=null")
+        what = ", ".join(output_info(name).what for name in missing)
+        use = " or ".join(sorted({output_info(name).given_by for name in missing}))
+        raise ClipkitConfigError(f"loss={loss_name} needs {what} that model={model_name} cannot give; use {use}")
 
     def on_step(self, step: int) -> None:
         """Called by the Trainer before step `step`'s forward, on every rank."""
@@ -163,8 +208,15 @@ class ContrastiveObjective(nn.Module):
         features, mask = text_token_features(self.model, tokens, self.pad_id)
         return F.normalize(features.float(), dim=-1), mask
 
-    def outputs(self, images: torch.Tensor, tokens: torch.Tensor, needs: tuple[str, ...]) -> dict:
-        """The named model outputs in `needs` (see OUTPUTS) for one batch."""
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[b,K,L] long -> [b,K,D] float32, L2-normalized: the K texts of each sample in one tower call."""
+        b, k, length = tokens.shape
+        return self.encode_text(tokens.reshape(b * k, length)).reshape(b, k, -1)
+
+    def outputs(self, batch: Mapping[str, torch.Tensor], needs: tuple[str, ...]) -> dict:
+        """The named model outputs in `needs` (see OUTPUTS and `role_outputs`) for one batch."""
+        images = batch["image"]
+        tokens = batch.get("text")
         out: dict = {}
         if "caption_logits" in needs:
             pooled, image_embs = encode_image_parts(self.model.visual, images.to(self._tower_dtype()), self._drop())
@@ -182,10 +234,15 @@ class ContrastiveObjective(nn.Module):
         if "teacher_image" in needs:
             out["teacher_image"], out["teacher_text"], out["teacher_logit_scale"] = \
                 self._teacher.features(images, tokens)
+        for name in self.role_features():
+            if name in needs:
+                out[name] = self.encode_texts(batch[name])
+            if f"{name}_valid" in needs:
+                out[f"{name}_valid"] = batch[f"{name}_valid"].bool()
         return {name: out[name] for name in needs}
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, outputs_only: bool = False):
+    def forward(self, batch: Mapping[str, torch.Tensor], outputs_only: bool = False):
         """-> (loss, metrics); with `outputs_only`, the loss's inputs instead (`outputs(..., loss.needs)`),
         which exact gradient accumulation (`clipkit.accumulation`) forwards through the engine."""
-        outputs = self.outputs(images, tokens, tuple(self.loss.needs))
+        outputs = self.outputs(batch, tuple(self.loss.needs))
         return outputs if outputs_only else self.loss(**outputs)

@@ -128,11 +128,13 @@ def build_towers(model_cfg: DictConfig) -> ModelBundle:
 
 
 def build_objective(model_cfg: DictConfig, bundle: ModelBundle, loss: torch.nn.Module, *,
-                    max_steps: int, seed: int, loss_name: str | None = None) -> ContrastiveObjective:
+                    max_steps: int, seed: int, loss_name: str | None = None,
+                    text_roles: tuple[str, ...] = ()) -> ContrastiveObjective:
     """Towers + loss (+ the frozen `model.teacher`, TailDrop, FLIP's unmasked tuning phase).
 
-    Fails with a one-line config error when the loss (`loss=<loss_name>`) needs an output this
-    model lacks.
+    `text_roles`: the roles of `data.texts` (empty: one caption per sample). Fails with a
+    one-line config error when the loss (`loss=<loss_name>`) needs an output this model or
+    these roles lack.
     """
     loss_name = loss_name or type(loss).__name__
     teacher_cfg = _section(TeacherConfig, model_cfg.teacher, "model.teacher")
@@ -149,7 +151,8 @@ def build_objective(model_cfg: DictConfig, bundle: ModelBundle, loss: torch.nn.M
     unmasked = model_cfg.unmasked_tuning_steps
     objective = ContrastiveObjective(
         bundle.model, loss, teacher=teacher, tail_drop_max=model_cfg.tail_drop_max,
-        unmasked_tuning_from_step=max_steps - unmasked + 1 if unmasked else None, seed=seed)
+        unmasked_tuning_from_step=max_steps - unmasked + 1 if unmasked else None, seed=seed,
+        text_roles=text_roles)
     objective.check_outputs(loss_name, bundle.name, tuple(loss.needs))
     return objective
 
@@ -271,7 +274,7 @@ def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Ru
     check_captioning(inputs.eval_specs, bundle.model, zero_stage=cfg.trainer.zero_stage, world_size=dist.world_size)
     loss = build_loss(cfg.loss, bundle)
     objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed,
-                                loss_name=cfg.loss.name)
+                                loss_name=cfg.loss.name, text_roles=tuple(cfg.data.get("texts") or ()))
     if cfg.trainer.compile:
         log.info("torch.compile: %s (compiled on the first step)", ", ".join(compile_towers(bundle.model)))
     engine = build_engine(objective, optim_cfg=cfg.optim, sched_cfg=cfg.sched, trainer_cfg=cfg.trainer,

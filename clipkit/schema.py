@@ -9,7 +9,7 @@ worker exists (`clipkit.config.preflight`, and again at the entry point):
   `+`, and OmegaConf converts and type-checks every value merged into it.
 - `validate(cfg)` checks what a merge cannot: keys added with `+`/`++` or in a user's own YAML,
   and the sub-dicts Hydra keeps untyped (`Any`, so `model.lock_image={unlocked_groups: 1}`
-  replaces a null): `model.lock_image`, `model.lock_text`, `model.teacher` and each
+  replaces a null): `model.lock_image`, `model.lock_text`, `model.teacher`, `model.pos_stretch` and each
   `eval.sets.<name>` against their dataclasses below; the loss against its `_target_` class's
   constructor (the class signature is the loss's schema); `logger.wandb` against `WandbLogger`'s
   keyword arguments. `model.config` (an open_clip model config) stays free.
@@ -55,6 +55,17 @@ class LockTextConfig:
 
 
 @dataclass
+class PosStretchConfig:
+    """`model.pos_stretch`: how pretrained text positions reach a longer `model.context_length`
+    (docs/texts_context.md). null takes these defaults: Long-CLIP's 77 -> 248."""
+
+    mode: str = "longclip"            # longclip (Long-CLIP's knowledge-preserving stretch) | uniform (open_clip's)
+    keep: int = 20                    # longclip: the first `keep` positions are copied as they are
+    ratio: Optional[float] = 4.0      # longclip: context = keep + ratio * (L - keep); null: derived from it
+    freeze_kept: Optional[bool] = None   # the kept positions never train; null: true for longclip, false for uniform
+
+
+@dataclass
 class TeacherConfig:
     """`model.teacher` (loss=distill): a frozen open_clip model from local weights."""
 
@@ -75,6 +86,8 @@ class ModelConfig:
     lock_image: Any = None            # LockImageConfig or None (LiT)
     lock_text: Any = None             # LockTextConfig or None
     teacher: Any = None               # TeacherConfig or None (loss=distill)
+    context_length: Optional[int] = None   # text positions; null: the architecture's (Long-CLIP: 248)
+    pos_stretch: Any = None           # PosStretchConfig or None (its defaults): pretrained positions -> context_length
 
 
 @dataclass
@@ -262,7 +275,8 @@ class EvalEntryConfig:
 # The ConfigStore names conf/train.yaml and conf/eval.yaml list first in their defaults.
 ROOTS = {"train": ("clipkit_train_schema", TrainConfig), "eval": ("clipkit_eval_schema", EvalEntryConfig)}
 # Untyped (`Any`) sub-dicts with a declared shape.
-SUB_SCHEMAS = {"model.lock_image": LockImageConfig, "model.lock_text": LockTextConfig, "model.teacher": TeacherConfig}
+SUB_SCHEMAS = {"model.lock_image": LockImageConfig, "model.lock_text": LockTextConfig, "model.teacher": TeacherConfig,
+               "model.pos_stretch": PosStretchConfig}
 HYDRA_KEYS = {"_target_", "_args_", "_partial_", "_recursive_", "_convert_"}
 # Keyword arguments of WandbLogger that the recipe supplies, not `logger.wandb`.
 WANDB_SET_BY_CLIPKIT = {"run_name", "run_dir", "config"}

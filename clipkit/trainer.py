@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -167,7 +167,8 @@ class Trainer:
 
         return tqdm(total=self.s.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def train_step(self, images: torch.Tensor, tokens: torch.Tensor, step: int) -> dict[str, float]:
+    def train_step(self, batch: Mapping[str, torch.Tensor], step: int) -> dict[str, float]:
+        """One optimizer step on `batch`, this rank's dict of tensors (`ContrastiveObjective.forward`)."""
         device = self.engine.device
         on_step = getattr(self.engine.module, "on_step", None)
         if on_step is not None:  # per-step model behaviour (TailDrop's k, FLIP's unmasked tuning)
@@ -176,7 +177,7 @@ class Trainer:
         # work) runs inside engine.backward, so a forward-only loss share would understate it.
         forward = self.accumulation.forward if self.accumulation is not None else self.engine
         with self.times.phase("forward"):   # with accumulation: the cached forwards and the loss's gradients
-            loss, metrics = forward(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
+            loss, metrics = forward({name: value.to(device, non_blocking=True) for name, value in batch.items()})
         # One all-reduce carries the loss and the preemption flag: every rank learns of a signal
         # that reached any of them at this same step. The rank share is scaled by world size, so
         # the mean over ranks is the global loss.
@@ -246,8 +247,8 @@ class Trainer:
             self.times.restart()
             for step in range(start_step + 1, self.s.max_steps + 1):
                 with self.times.phase("data_wait"):
-                    images, tokens = next(batches)
-                record = self.train_step(images, tokens, step)
+                    batch = next(batches)
+                record = self.train_step(batch, step)
                 if bar is not None:
                     bar.update(1)
                 if step % self.s.log_every_n_steps == 0 or step == self.s.max_steps:

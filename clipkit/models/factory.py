@@ -10,11 +10,15 @@ The learnable temperature and bias belong to the loss (`conf/loss/*.yaml`), so t
 taken off the open_clip module here and handed over as `pretrained_logit_scale/bias`
 when a checkpoint supplied them. Keeping them off the model also spares DeepSpeed the
 0-dim parameters it cannot handle (deepspeed 0.19.8).
+
+`model.context_length` gives the text tower another context than the architecture's; pretrained
+positions reach it by `model.pos_stretch` (Long-CLIP's stretch by default, `clipkit.models.positions`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import tempfile
@@ -28,7 +32,15 @@ import torch
 from torch import nn
 
 from clipkit.errors import ClipkitConfigError
-from clipkit.schema import LockImageConfig, LockTextConfig
+from clipkit.models.positions import (
+    freeze_leading_positions,
+    frozen_position_count,
+    pretrained_positions,
+    set_text_positions,
+    stretched_positions,
+    trained_positions,
+)
+from clipkit.schema import LockImageConfig, LockTextConfig, PosStretchConfig
 
 
 @dataclass
@@ -95,7 +107,8 @@ def _without_random_init_warning():
 
 
 def build_model(name: str, *, pretrained: str | None = None, config: dict[str, Any] | None = None,
-                precision: str = "fp32", patch_dropout: float = 0.0) -> ModelBundle:
+                precision: str = "fp32", patch_dropout: float = 0.0, context_length: int | None = None,
+                pos_stretch: PosStretchConfig | None = None) -> ModelBundle:
     """Creates the towers, train/val transforms and tokenizer for one architecture.
 
     Args:
@@ -106,18 +119,43 @@ def build_model(name: str, *, pretrained: str | None = None, config: dict[str, A
         precision: open_clip precision string for tower weights ("fp32" while DeepSpeed owns casting).
         patch_dropout: FLIP's training-time patch dropout ratio for a ViT (0 = off); open_clip
             keeps CLS and 1 + int(N·(1 − p)) tokens, in train mode only.
+        context_length: text positions C; None: the architecture's. The model's `context_length`,
+            its [C, C] causal `attn_mask`, the tokenizer and the returned `model_cfg` all say C.
+        pos_stretch: how pretrained positions of another length reach C (None: Long-CLIP's
+            defaults, `PosStretchConfig()`); a random init simply gets C positions.
     """
     if config is not None:
         _register_inline_config(name, config)
-    model_cfg = open_clip_config(name)
+    model_cfg = copy.deepcopy(open_clip_config(name))
     if pretrained is not None and Path(pretrained).suffix and not Path(pretrained).exists():
         raise ClipkitConfigError(f"model.pretrained file not found: {pretrained}")
     if not 0.0 <= patch_dropout < 1.0:
         raise ClipkitConfigError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}")
+    architecture = int(model_cfg.get("text_cfg", {}).get("context_length", 77))
+    target = architecture if context_length is None else int(context_length)
+    if target < 1:
+        raise ClipkitConfigError(f"model.context_length must be positive, got {context_length}")
+    local = pretrained is not None and Path(pretrained).is_file()
+    source = (pretrained_positions(pretrained) if local else None) or architecture
+    if source != architecture and context_length is None:
+        raise ClipkitConfigError(f"model.pretrained={pretrained} has {source} text positions, model.name={name} "
+                                 f"{architecture}; set model.context_length={source} (or the length to stretch to)")
     with _without_random_init_warning():  # the recipe says it once, in clipkit's words
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, precision=precision, force_patch_dropout=patch_dropout or None)
+            name, pretrained=pretrained if source == architecture else None, precision=precision,
+            force_patch_dropout=patch_dropout or None)
+    if source != architecture:
+        # A local file of another length (e.g. an export of a Long-CLIP run): the model takes its
+        # length first, so open_clip's loader finds matching shapes and resizes nothing.
+        set_text_positions(model, model.positional_embedding.detach().new_zeros(source, _text_width(model)))
+        open_clip.load_checkpoint(model, pretrained)
+    if target != source:
+        _set_context(model, target, pos_stretch or PosStretchConfig(), stretch=pretrained is not None)
     tokenizer = open_clip.get_tokenizer(name)
+    if target != architecture:
+        # What the export's open_clip_config.json says, so open_clip builds the same model.
+        model_cfg["text_cfg"]["context_length"] = target
+        tokenizer = open_clip.get_tokenizer(name, context_length=target)
 
     scale = bias = None
     if pretrained is not None:
@@ -143,6 +181,37 @@ def build_model(name: str, *, pretrained: str | None = None, config: dict[str, A
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, name, model_cfg, scale, bias)
 
 
+def _text_width(model: nn.Module) -> int:
+    positions = getattr(model, "positional_embedding", None)
+    if not isinstance(positions, torch.Tensor) or hasattr(model, "text_decoder"):
+        raise ClipkitConfigError(f"model.context_length: changing the context needs open_clip's CLIP text tower "
+                                 f"(`positional_embedding` and a causal `attn_mask` on the model); "
+                                 f"{type(model).__name__} has another")
+    return positions.shape[1]
+
+
+def _set_context(model: nn.Module, target: int, stretch_cfg: PosStretchConfig, *, stretch: bool) -> None:
+    """Gives the text tower `target` positions: the pretrained ones stretched by `stretch_cfg`
+    (and the kept ones frozen) when `stretch`, else a fresh init (open_clip's: normal, std 0.01)."""
+    width = _text_width(model)
+    if not stretch:
+        fresh = torch.empty(target, width, dtype=model.positional_embedding.dtype)
+        set_text_positions(model, nn.init.normal_(fresh, std=0.01))
+        return
+    freeze = stretch_cfg.freeze_kept
+    if freeze is None:
+        freeze = stretch_cfg.mode == "longclip"
+    if freeze and stretch_cfg.mode != "longclip":
+        raise ClipkitConfigError(f"model.pos_stretch.freeze_kept=true needs mode=longclip; "
+                                 f"mode={stretch_cfg.mode} keeps no pretrained position as it was")
+    with torch.no_grad():
+        positions = stretched_positions(model.positional_embedding.detach(), target, mode=stretch_cfg.mode,
+                                        keep=stretch_cfg.keep, ratio=stretch_cfg.ratio)
+    set_text_positions(model, positions)
+    if freeze and stretch_cfg.keep > 0:
+        freeze_leading_positions(model, stretch_cfg.keep)
+
+
 def lock_towers(model: nn.Module, *, image: LockImageConfig | None, text: LockTextConfig | None) -> None:
     """LiT (Zhai et al. 2022): freeze the image and/or text tower with open_clip's own lock.
 
@@ -156,6 +225,10 @@ def lock_towers(model: nn.Module, *, image: LockImageConfig | None, text: LockTe
         model.lock_image_tower(unlocked_groups=image.unlocked_groups, freeze_bn_stats=image.freeze_bn_stats)
     if text is not None:
         model.lock_text_tower(unlocked_layers=text.unlocked_layers, freeze_layer_norm=text.freeze_layer_norm)
+        if frozen_position_count(model):
+            # Split positions (`pos_stretch.freeze_kept`) read as a computed tensor, which open_clip's
+            # lock passes over; they belong to its embedding group, with the token embedding.
+            trained_positions(model).requires_grad_(model.token_embedding.weight.requires_grad)
 
 
 def build_teacher_model(name: str, pretrained: str, config: dict[str, Any] | None = None) -> nn.Module:

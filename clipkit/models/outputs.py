@@ -86,7 +86,8 @@ def trimmable_text_length(model: nn.Module, text: torch.Tensor, pad_id: int = 0,
     `eos` with an EOS id that is not the pad id). Every position after the batch's last real
     token is then a pad that nothing read depends on: dropping those positions changes no
     output. Captions are short (CLIP's 77-position context; web alt-text averages well under
-    half of it), so most of the text tower's work is on such pads. `multiple` rounds the length
+    half of it), so most of the text tower's work is on such pads. `text` may be shorter than the
+    context (L <= C): its L positions are the context's first L. `multiple` rounds the length
     up (fewer distinct shapes, e.g. for kernel autotuning); eager PyTorch needs none.
     """
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask", "text_pool_type")
@@ -96,13 +97,17 @@ def trimmable_text_length(model: nn.Module, text: torch.Tensor, pad_id: int = 0,
     if not (pool == "argmax" or (pool == "eos" and eos is not None and eos != pad_id)):
         return None
     mask = model.attn_mask
-    full = text.shape[1]
-    if mask.shape != (full, full) or not torch.equal(torch.isneginf(mask), torch.ones_like(mask, dtype=torch.bool).triu(1)):
+    context, full = mask.shape[0], text.shape[1]
+    if full > context or mask.shape != (context, context) \
+            or not torch.equal(torch.isneginf(mask), torch.ones_like(mask, dtype=torch.bool).triu(1)):
         return None   # not the causal mask this argument rests on
     real = (text != pad_id).any(dim=0).nonzero()
     length = int(real.max()) + 1 if len(real) else 1
     length = min(full, -(-length // multiple) * multiple)
-    return length if length < full else None
+    # Texts tokenized shorter than the context (a role at 77 positions on a 248-position tower)
+    # run on the first `full` positions too, exact for the same reason; `encode_text` would not
+    # take them at all.
+    return length if length < context else None
 
 
 def encode_text_pooled(model: nn.Module, text: torch.Tensor, pad_id: int = 0) -> torch.Tensor:

@@ -41,10 +41,10 @@ for k in (1, accum):
         images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)[rows]
         tokens = torch.randint(1, 49407, (GLOBAL_BATCH, 16), generator=g)[rows]
         if step is None:
-            loss, _ = engine(images, tokens)
+            loss, _ = engine({"image": images, "text": tokens})
             engine.backward(loss)
         else:
-            loss, _ = step.forward(images, tokens)
+            loss, _ = step.forward({"image": images, "text": tokens})
             step.backward()
         if s == 0:
             global_loss = float(distributed.all_reduce_mean(loss.detach()))

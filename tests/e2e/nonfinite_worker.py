@@ -36,7 +36,7 @@ def batches():
         images = torch.randn(b, 3, 32, 32, generator=g)
         if step == 3 and info.rank == info.world_size - 1:
             images[0, 0, 0, 0] = float("nan")
-        yield images, torch.randint(1, 49407, (b, 16), generator=g)
+        yield {"image": images, "text": torch.randint(1, 49407, (b, 16), generator=g)}
 
 
 class Records:

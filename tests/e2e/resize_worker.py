@@ -44,7 +44,8 @@ def batch(step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Te
 def train(engine, steps: range, info) -> list[float]:
     losses = []
     for step in steps:
-        loss, _ = engine(*batch(step, info.rank, info.world_size))
+        images, tokens = batch(step, info.rank, info.world_size)
+        loss, _ = engine({"image": images, "text": tokens})
         losses.append(float(distributed.all_reduce_mean(loss.detach())))
         engine.backward(loss)
         engine.step()

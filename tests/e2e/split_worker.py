@@ -34,7 +34,7 @@ images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
 tokens = torch.randint(1, 49407, (GLOBAL_BATCH, 16), generator=g)
 b = GLOBAL_BATCH // info.world_size
 rows = slice(info.rank * b, (info.rank + 1) * b)
-loss, _ = engine(images[rows], tokens[rows])
+loss, _ = engine({"image": images[rows], "text": tokens[rows]})
 global_loss = float(distributed.all_reduce_mean(loss))
 engine.backward(loss)
 grads = {name: safe_get_full_grad(p) for name, p in engine.module.loss.named_parameters()}

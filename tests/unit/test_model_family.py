@@ -64,12 +64,12 @@ def test_filip_token_features_and_masks():
     bundle = build_towers(model_cfg("tiny_filip"))
     objective = ContrastiveObjective(bundle.model, FilipLoss())
     images, tokens = batch(bundle)
-    out = objective.outputs(images, tokens, FilipLoss.needs)
+    out = objective.outputs({"image": images, "text": tokens}, FilipLoss.needs)
     assert out["image_tokens"].shape == (4, 16, 64)  # 32 px / patch 8 = 16 patches, CLS excluded
     assert out["image_mask"] is None
     assert out["text_tokens"].shape == (4, 16, 64) and torch.equal(out["text_mask"], tokens != 0)
     torch.testing.assert_close(out["text_tokens"].norm(dim=-1), torch.ones(4, 16))
-    loss, _ = objective(images, tokens)
+    loss, _ = objective({"image": images, "text": tokens})
     assert torch.isfinite(loss)
 
 
@@ -92,7 +92,7 @@ def _lit_worker(rank, port, out_path):
     engine = initialize_engine(objective, optimizer, None, ds)
     for step in range(3):
         images, tokens = batch(bundle, seed=step)
-        loss, _ = engine(images, tokens)
+        loss, _ = engine({"image": images, "text": tokens})
         engine.backward(loss)
         engine.step()
     names = {id(p): n for n, p in engine.module.named_parameters()}
@@ -207,10 +207,11 @@ def test_tail_drop_acts_before_the_coca_pooler():
     objective.drop_last = 0
     plain = ContrastiveObjective(bundle.model, objective.loss).train()
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(objective(images, tokens)[:1], plain(images, tokens)[:1]))
+        assert all(torch.equal(a, b) for a, b in zip(objective({"image": images, "text": tokens})[:1],
+                                                       plain({"image": images, "text": tokens})[:1]))
     seen.clear()
     objective.drop_last = 3
-    loss, _ = objective(images, tokens)
+    loss, _ = objective({"image": images, "text": tokens})
     loss.backward()
     grad = seen[0].grad  # [b, 1 + 16, w] transformer outputs
     assert float(grad[:, -3:].abs().max()) == 0.0 and float(grad[:, :-3].abs().amax(dim=(0, 2)).min()) > 0
@@ -224,7 +225,7 @@ def _distill_kl_and_grads(bundle, teacher_model):
     objective.eval()  # deterministic towers on both sides
     objective.zero_grad(set_to_none=True)
     images, tokens = batch(bundle)
-    out = objective.outputs(images, tokens, loss.needs)
+    out = objective.outputs({"image": images, "text": tokens}, loss.needs)
     kl = loss.kl(out["image"], out["text"], out["teacher_image"], out["teacher_text"], out["teacher_logit_scale"])
     kl.backward()
     grads = [p.grad for p in objective.parameters() if p.grad is not None]

@@ -32,7 +32,8 @@ def test_checkpointed_towers_give_the_eager_gradients(overrides):
         objective = objective_for(*overrides, f"model.grad_checkpointing={flag}").train()
         checkpointed = [m.grad_checkpointing for m in objective.modules() if hasattr(m, "grad_checkpointing")]
         assert checkpointed and all(c == (flag == "true") for c in checkpointed)
-        loss, _ = objective(*batch())
+        images, tokens = batch()
+        loss, _ = objective({"image": images, "text": tokens})
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None})
     eager, checkpointed = grads
@@ -52,7 +53,7 @@ def test_compiled_towers_follow_eager_training_and_keep_their_names():
         losses[compiled] = []
         for step in range(3):
             images, tokens = batch()
-            loss, _ = objective(images + step, tokens)
+            loss, _ = objective({"image": images + step, "text": tokens})
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

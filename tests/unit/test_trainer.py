@@ -57,7 +57,7 @@ class FakeEngine:
         if self.sleep_s.get(phase):
             time.sleep(self.sleep_s[phase])
 
-    def __call__(self, images: torch.Tensor, tokens: torch.Tensor):
+    def __call__(self, batch: dict):
         self.forwards += 1
         if self.forwards == self.raise_at:
             raise RuntimeError("boom")
@@ -111,7 +111,7 @@ class Batches:
         if self.sleep_s and (self.slow_until is None or self.served < self.slow_until):
             time.sleep(self.sleep_s)
         self.served += 1
-        return torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, dtype=torch.long)
+        return {"image": torch.zeros(2, 3, 4, 4), "text": torch.zeros(2, 5, dtype=torch.long)}
 
     def close(self) -> None:
         self.closed = True
