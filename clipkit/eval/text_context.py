@@ -3,7 +3,7 @@
 Long-caption retrieval (Long-CLIP's Urban-1k, DCI, DOCCI; the digits demo's long captions)
 tokenizes a set's captions at more tokens than CLIP's 77, so the text tower must have at least
 that many positions: `model.context_length` (with `model.pos_stretch` when a 77-position
-checkpoint is loaded). A set asking for more positions than the model has is refused with one
+checkpoint is loaded, docs/texts_context.md). A set asking for more positions than the model has is refused with one
 line before anything is embedded, instead of failing inside the tower.
 """
 
@@ -16,18 +16,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.errors import ClipkitConfigError
+from clipkit.models.positions import check_text_length
 
 Tokenizer = Callable[..., torch.Tensor]   # (texts, context_length=None) -> [n, L] long, as open_clip's
 
 
 def model_text_positions(model: nn.Module) -> int | None:
-    """The number of positions the text tower has (rows of its positional embedding), or None
-    when it has no such table (an HF text tower): then no length can be checked.
+    """The number of text positions the model has, or None when it says nothing (no check then).
 
-    Accepts an open_clip model or an objective holding one as `.model`. Under ZeRO-3 a partitioned
+    Accepts an open_clip model or an objective holding one as `.model`. open_clip's `CLIP` and
+    `TextTransformer` keep it as `context_length`, and clipkit's `model.context_length` (with or
+    without `model.pos_stretch`) updates it with the positions (`clipkit.models.positions`).
+    Otherwise the rows of the tower's positional table count; under ZeRO-3 a partitioned
     parameter keeps its full shape in `ds_shape`.
     """
     model = getattr(model, "model", model)
+    for tower in (model, getattr(model, "text", None)):
+        if isinstance(getattr(tower, "context_length", None), int):
+            return int(tower.context_length)
     for tower in (model, getattr(model, "text", None)):
         table = getattr(tower, "positional_embedding", None)
         if isinstance(table, torch.Tensor):
@@ -38,12 +44,10 @@ def model_text_positions(model: nn.Module) -> int | None:
 
 
 def check_context_length(set_name: str, context_length: int | None, positions: int | None) -> None:
-    """One-line config error when `eval.sets.<set_name>.context_length` exceeds the model's positions."""
-    if context_length is not None and positions is not None and context_length > positions:
-        raise ClipkitConfigError(
-            f"eval.sets.{set_name}.context_length={context_length} exceeds the model's {positions} text positions; "
-            f"give the model that context (model.context_length={context_length}, with model.pos_stretch for a "
-            f"{positions}-position checkpoint) or lower the set's context_length")
+    """One-line config error when `eval.sets.<set_name>.context_length` exceeds the model's positions
+    (the same words as a text role's `data.texts.<role>.context_length`)."""
+    if context_length is not None and positions is not None:
+        check_text_length(context_length, positions, f"eval.sets.{set_name}.context_length")
 
 
 def check_text_context(specs: Sequence, model: nn.Module) -> None:

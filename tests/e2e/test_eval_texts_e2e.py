@@ -97,5 +97,5 @@ def test_a_context_longer_than_the_model_is_one_line_in_clipkit_eval(texts_root:
                    texts_root, check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("clipkit-eval: error: eval.sets.digits_long.context_length=128 exceeds the model's 16 "
-                           "text positions")
+    assert last == ("clipkit-eval: error: eval.sets.digits_long.context_length=128 exceeds the model's text context "
+                    "of 16 positions; lower it or set model.context_length=128")

@@ -112,8 +112,8 @@ def test_context_length_beyond_the_models_positions_is_one_line(long_model, tmp_
                                        "context_length": 248}})
     objective = ContrastiveObjective(long_model.model.eval(), loss=None)
     assert model_text_positions(objective) == model_text_positions(long_model.model) == POSITIONS
-    want = (r"^eval.sets.long.context_length=248 exceeds the model's 64 text positions; give the model that context "
-            r"\(model.context_length=248")
+    want = (r"^eval.sets.long.context_length=248 exceeds the model's text context of 64 positions; lower it or set "
+            r"model.context_length=248$")
     with pytest.raises(ClipkitConfigError, match=want) as err:
         check_text_context(specs, long_model.model)
     assert "\n" not in str(err.value)
