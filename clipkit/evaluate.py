@@ -1,4 +1,4 @@
-"""`clipkit-eval` / `python -m clipkit.evaluate`: zero-shot and retrieval on `eval.sets`.
+"""`clipkit-eval` / `python -m clipkit.evaluate`: zero-shot, retrieval and selection on `eval.sets`.
 
 Scores a clipkit run directory (its latest checkpoint, converted to open_clip format in a
 temporary folder; the run directory is only read) or any open_clip model plus local weights. Writes one CLIP_benchmark JSON per
@@ -93,6 +93,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from clipkit.eval.runner import write_summary
     from clipkit.eval.scoring import build_scorer
     from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config
+    from clipkit.eval.text_context import check_text_context
     from clipkit.objective import ContrastiveObjective
 
     if not OmegaConf.is_readonly(cfg):
@@ -113,6 +114,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             model_name, pretrained = cfg.model_name, cfg.pretrained
             label = model_name if pretrained is None else f"{model_name}-{Path(str(pretrained)).name}"
         model, preprocess, tokenizer = load_open_clip(model_name, pretrained, device)
+    check_text_context(specs, model)   # a set's context_length beyond the model's positions: one line, now
     # One folder of CLIP_benchmark JSONs per scored model, so evals of several models (or of one
     # architecture with several weight files) into one out_dir never overwrite each other.
     suite = EvalSuite(specs, preprocess=preprocess, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,

@@ -185,6 +185,13 @@ class EvalSetConfig:
     caption_key: str = "caption"      # csv/jsonl: the caption column
     image_root: Optional[str] = None  # csv/jsonl: relative image paths start here (default: the file's folder)
     caption_beams: int = 1            # captioning task: 1 greedy, > 1 beam search of that width
+    # Shards: where the captions are. A member (txt, long.txt: one caption per line) or json:<field>
+    # (a string is one caption, a list one per item); see clipkit.data.eval_reader.
+    caption_source: str = "txt"
+    # selection task: the hard negatives. json:<field> (a list or a string), a member, or `rest`
+    # (the caption source's texts after the first, CLIP_benchmark's [true, negative, ...] order).
+    negatives_source: str = "json:negatives"
+    context_length: Optional[int] = None   # tokens per caption of this set; None: the model's
 
 
 @dataclass

@@ -231,3 +231,55 @@ def retrieval_metrics_exact(
     has_caption = np.bincount(text_image_index, minlength=n_image) > 0
     return {**rank_metrics(image_ranks, "image_retrieval", recall_k),
             **rank_metrics(text_ranks[has_caption], "text_retrieval", recall_k)}
+
+
+def selection_groups(text_image_index: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(is_true [M] bool, group [M] int) of a selection set's texts, checked.
+
+    A selection set lists each image's texts together, the true caption first and its hard
+    negatives after it (CLIP_benchmark's image_caption_selection order); the gather keeps that
+    order. Every image needs its true caption and at least one negative.
+    """
+    owners = np.asarray(text_image_index, np.int64)
+    if len(owners) == 0 or np.any(np.diff(owners) < 0):
+        raise ValueError("selection needs each image's texts together, in image order")
+    is_true = np.r_[True, owners[1:] != owners[:-1]]
+    counts = np.bincount(owners, minlength=n_images)
+    if len(counts) != n_images or counts.min() < 2:
+        raise ValueError(f"selection needs a true caption and >= 1 negative for each of the {n_images} images; "
+                         f"texts per image range over [{counts.min()}, {counts.max()}]")
+    return is_true, np.cumsum(is_true) - 1
+
+
+def selection_metrics(own_scores: np.ndarray, text_image_index: np.ndarray, n_images: int, *,
+                      tie_atol: float = TIE_ATOL) -> dict[str, float]:
+    """Image-caption selection accuracy (SugarCrepe, CLIP_benchmark's `image_caption_selection`).
+
+    Args:
+        own_scores: [M] float, each text's score against its own image (cosine of the
+            unit-norm embeddings, or a late-interaction score).
+        text_image_index: [M] int, the image of each text; each image's texts together, its
+            true caption first, then its negatives (`selection_groups`).
+        n_images: N.
+        tie_atol: a negative scoring >= the true caption's score minus this counts as ahead.
+
+    Returns:
+        `acc`: the share of images whose true caption scores strictly highest, with the module's
+        pessimistic tie rule: a negative tied with the true caption (within tie_atol) makes the
+        image a miss. CLIP_benchmark takes `argmax`, which gives ties to the true caption (index
+        0); on tie-free scores the two agree.
+    """
+    is_true, group = selection_groups(text_image_index, n_images)
+    scores = np.asarray(own_scores, np.float64)
+    true_score = scores[is_true]                                   # [N]
+    ahead = ~is_true & (scores >= true_score[group] - tie_atol)    # [M]
+    ranks = 1 + np.bincount(group, weights=ahead, minlength=n_images)
+    return {"acc": float(np.mean(ranks == 1))}
+
+
+def pooled_own_scores(image_emb: np.ndarray, text_emb: np.ndarray, text_image_index: np.ndarray) -> np.ndarray:
+    """[M] float64 cosine of each text with its own image: image_emb [N, D], text_emb [M, D] unit-norm.
+
+    float64 sums, so the score of a text does not depend on which kernel or batch computed it."""
+    owners = np.asarray(text_image_index, np.int64)
+    return np.einsum("md,md->m", text_emb.astype(np.float64), image_emb[owners].astype(np.float64))

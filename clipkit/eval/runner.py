@@ -18,9 +18,12 @@ from clipkit.eval.embed import EmbeddedSet
 from clipkit.eval.metrics import (
     TIE_ATOL,
     classification_metrics,
+    pooled_own_scores,
     positive_ranks,
     retrieval_metrics,
     retrieval_metrics_exact,
+    selection_groups,
+    selection_metrics,
 )
 from clipkit.eval.search import (
     APPROX_INDEXES,
@@ -31,8 +34,10 @@ from clipkit.eval.search import (
     topk_inner_product,
 )
 
-TASKS = ("zeroshot_classification", "retrieval")
+TASKS = ("zeroshot_classification", "retrieval", "selection")
 RECALL_K = (1, 5, 10)
+# The `task` a result JSON names, where clipkit's task name differs from CLIP_benchmark's.
+BENCHMARK_TASK_NAMES = {"selection": "image_caption_selection"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,9 @@ def evaluate_embedded(
     Args:
         emb: the whole set (gathered), image_emb [N, D] and text_emb [M, D] unit-norm.
         tasks: names from TASKS. "zeroshot_classification" needs every label >= 0 and
-            `classifier`; "retrieval" needs at least one caption.
+            `classifier`; "retrieval" needs at least one caption. "selection" needs each image's
+            texts as [true caption, hard negatives...] (`clipkit.eval.metrics.selection_groups`);
+            retrieval on such a set then ranks the true captions only.
         classifier: [C, D] float class embeddings (`zeroshot_classifier`), or None.
         use_gpu: passed to `topk_inner_product`.
         search: retrieval's index; None is exact ("flat").
@@ -105,10 +112,18 @@ def evaluate_embedded(
         ranks = positive_ranks(images, _np(classifier.float()), np.arange(len(images)), labels,
                                tie_atol=(search or SearchConfig()).tie_tolerance)
         results["zeroshot_classification"] = classification_metrics(ranks, labels, len(classifier))
+    texts, owners = _np(emb.text_emb.float()), _np(emb.text_image_index)
+    if "selection" in tasks:
+        try:
+            is_true, _ = selection_groups(owners, len(images))
+        except ValueError as err:
+            raise ClipkitConfigError(f"selection: {err}") from None
+        results["selection"] = selection_metrics(pooled_own_scores(images, texts, owners), owners, len(images),
+                                                 tie_atol=(search or SearchConfig()).tie_tolerance)
+        texts, owners = texts[is_true], owners[is_true]   # retrieval ranks the true captions only
     if "retrieval" in tasks:
-        if len(emb.text_emb) == 0:
+        if len(texts) == 0:
             raise ClipkitConfigError("retrieval needs captions; drop the task for sets without them")
-        texts, owners = _np(emb.text_emb.float()), _np(emb.text_image_index)
         search = search or SearchConfig()
         if search.index == "flat":
             results["retrieval"] = retrieval_metrics_exact(texts, images, owners, RECALL_K,

@@ -19,15 +19,23 @@ from torch import nn
 
 from clipkit import distributed
 from clipkit.data import EvalBatch, expand_urls, iter_eval_batches, read_set_metadata
-from clipkit.data.eval_reader import clip_benchmark_set
+from clipkit.data.eval_reader import EvalTexts, clip_benchmark_set
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval import datasets
 from clipkit.eval.cache import cache_path, load_embedded, save_embedded
 from clipkit.eval.captioning import evaluate_captioning
 from clipkit.eval.embed import EmbeddedSet, TokenEmbeddings, embed_eval_set, gather_embedded_set
 from clipkit.eval.late_interaction import late_interaction_metrics
-from clipkit.eval.runner import TASKS, SearchConfig, evaluate_embedded, format_results_table, write_benchmark_json
+from clipkit.eval.runner import (
+    BENCHMARK_TASK_NAMES,
+    TASKS,
+    SearchConfig,
+    evaluate_embedded,
+    format_results_table,
+    write_benchmark_json,
+)
 from clipkit.eval.scoring import LateInteraction, PooledCosine, Scorer
+from clipkit.eval.text_context import check_text_context, model_text_positions, set_tokenizer
 from clipkit.eval.zeroshot import zeroshot_classifier
 from clipkit.schema import EvalSetConfig, load_section
 
@@ -35,6 +43,9 @@ from clipkit.schema import EvalSetConfig, load_section
 SOURCES = ("urls", "clip_benchmark", *datasets.FILE_SOURCES)
 # "captioning" (CoCa models: caption CE, BLEU-4, CIDEr) is opt-in per set, never a default.
 SET_TASKS = (*TASKS, "captioning")
+# Tasks a set runs when it names none, by what it is (a CLIP_benchmark root's dataset_type.txt).
+DEFAULT_TASKS = {"classification": ["zeroshot_classification"], "retrieval": ["retrieval"],
+                 "selection": ["selection"], "urls": ["zeroshot_classification", "retrieval"]}
 
 
 @dataclass
@@ -51,6 +62,8 @@ class EvalSetSpec:
     path: str | None = None
     reader_args: dict[str, str] = field(default_factory=dict)
     caption_beams: int = 1  # captioning task: 1 = greedy decoding, > 1 = beam search of that width
+    texts: EvalTexts = field(default_factory=EvalTexts)  # shards: caption (and selection negatives) sources
+    context_length: int | None = None   # tokens per caption; None: the tokenizer's (the model's) own
 
 
 def _source_of(name: str, s: EvalSetConfig) -> str:
@@ -91,12 +104,15 @@ def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
             source = "urls"
         else:
             path = str(getattr(s, source))
-        default_tasks = ["zeroshot_classification"] if source == "folder" or dataset_type == "classification" else \
-            ["retrieval"] if source in ("csv", "jsonl") or dataset_type == "retrieval" else TASKS
-        tasks = list(s.tasks or default_tasks)
+        kind = "classification" if source == "folder" else "retrieval" if source in ("csv", "jsonl") else \
+            dataset_type or "urls"
+        tasks = list(s.tasks or DEFAULT_TASKS.get(kind, DEFAULT_TASKS["urls"]))
         unknown = sorted(set(tasks) - set(SET_TASKS))
         if unknown:
             raise ClipkitConfigError(f"eval.sets.{name}.tasks: unknown {unknown}; choose from {list(SET_TASKS)}")
+        texts = _texts_of(name, s, source, tasks)
+        if s.context_length is not None and s.context_length < 2:
+            raise ClipkitConfigError(f"eval.sets.{name}.context_length must be >= 2 or null, got {s.context_length}")
         classnames, templates = s.classnames, s.templates
         reader_args = {k: str(getattr(s, k)) for k in ("image_key", "caption_key", "image_root")
                        if getattr(s, k) is not None}
@@ -113,8 +129,25 @@ def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
         if beams < 1:
             raise ClipkitConfigError(f"eval.sets.{name}.caption_beams must be >= 1, got {beams}")
         specs.append(EvalSetSpec(name, urls, tasks, classnames and list(classnames),
-                                 templates and list(templates), source, path, reader_args, beams))
+                                 templates and list(templates), source, path, reader_args, beams,
+                                 texts, s.context_length))
     return specs
+
+
+def _texts_of(name: str, s: EvalSetConfig, source: str, tasks: list[str]) -> EvalTexts:
+    """The set's caption (and, for the selection task, negatives) sources, checked against its reader."""
+    if source != "urls":
+        if "selection" in tasks:
+            raise ClipkitConfigError(f"eval.sets.{name}: the selection task reads webdataset shards (urls or "
+                                     f"clip_benchmark), not {source}")
+        if s.caption_source != "txt":
+            raise ClipkitConfigError(f"eval.sets.{name}.caption_source applies to shards; a {source} set names its "
+                                     "caption column with caption_key")
+        return EvalTexts()
+    try:
+        return EvalTexts(s.caption_source, s.negatives_source if "selection" in tasks else None)
+    except ClipkitConfigError as err:
+        raise ClipkitConfigError(f"eval.sets.{name}.{err}") from None
 
 
 def check_captioning(specs: list[EvalSetSpec], model: nn.Module, *, zero_stage: int = 0, world_size: int = 1) -> None:
@@ -172,12 +205,18 @@ class EvalSuite:
         self.pretrained = pretrained
         self.last_results: dict[str, dict[str, dict[str, float]]] = {}
 
-    def _encoders(self, objective: nn.Module, device: torch.device):
+    def _tokenizer(self, spec: EvalSetSpec, objective: nn.Module):
+        """The set's tokenizer: at its `context_length` (padded to the model's positions), else the model's."""
+        return set_tokenizer(self.tokenizer, spec.context_length, model_text_positions(objective))
+
+    def _encoders(self, objective: nn.Module, device: torch.device, spec: EvalSetSpec):
+        tokenizer = self._tokenizer(spec, objective)
+
         def encode_image(images: torch.Tensor) -> torch.Tensor:
             return objective.encode_image(images.to(device))
 
         def encode_text(texts: list[str]) -> torch.Tensor:
-            return torch.cat([objective.encode_text(self.tokenizer(texts[i:i + self.batch_size]).to(device))
+            return torch.cat([objective.encode_text(tokenizer(texts[i:i + self.batch_size]).to(device))
                               for i in range(0, len(texts), self.batch_size)])
         return encode_image, encode_text
 
@@ -195,7 +234,7 @@ class EvalSuite:
         share = dict(preprocess=self.preprocess, batch_size=self.batch_size, rank=distributed.rank(),
                      world_size=distributed.world_size())
         if spec.source == "urls":
-            return iter_eval_batches(spec.urls, **share)
+            return iter_eval_batches(spec.urls, **share, texts=spec.texts)
         if spec.source == "folder":
             items = datasets.read_folder_items(spec.path)
         else:
@@ -215,30 +254,33 @@ class EvalSuite:
             save_embedded(path, emb)
         return emb
 
-    def _token_encoders(self, objective: nn.Module, device: torch.device):
+    def _token_encoders(self, objective: nn.Module, device: torch.device, spec: EvalSetSpec):
         """FILIP token features packed into one vector per item (`TokenEmbeddings.pack_*`), so the
         embedding, gather and cache machinery of the pooled path carries them."""
+        tokenizer = self._tokenizer(spec, objective)
+
         def encode_image(images: torch.Tensor) -> torch.Tensor:
             return TokenEmbeddings.pack_images(objective.encode_image_tokens(images.to(device)))
 
         def encode_text(texts: list[str]) -> torch.Tensor:
             return torch.cat([TokenEmbeddings.pack_texts(*objective.encode_text_tokens(
-                self.tokenizer(texts[i:i + self.batch_size]).to(device)))
+                tokenizer(texts[i:i + self.batch_size]).to(device)))
                 for i in range(0, len(texts), self.batch_size)])
         return encode_image, encode_text
 
     def _late_interaction(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device,
                           tag: str | None) -> dict[str, dict[str, float]]:
-        encode_image, encode_text = self._token_encoders(objective, device)
+        encode_image, encode_text = self._token_encoders(objective, device, spec)
+        tokenizer = self._tokenizer(spec, objective)
         tasks = [t for t in spec.tasks if t != "captioning"]
         class_kwargs = {}
         with torch.no_grad():
             if "zeroshot_classification" in tasks:
                 prompts = [t.replace("{c}", c) for c in spec.classnames for t in spec.templates]  # class-major
-                class_tokens, class_mask = objective.encode_text_tokens(self.tokenizer(prompts).to(device))
+                class_tokens, class_mask = objective.encode_text_tokens(tokenizer(prompts).to(device))
                 class_kwargs = dict(class_tokens=class_tokens.cpu(), class_mask=class_mask.cpu(),
                                     num_classes=len(spec.classnames))
-            dim = objective.encode_text_tokens(self.tokenizer(["a"]).to(device))[0].shape[-1]
+            dim = objective.encode_text_tokens(tokenizer(["a"]).to(device))[0].shape[-1]
         emb = self._embedded(spec, encode_image, encode_text, device, tag and f"{tag}-tokens")
         tokens = TokenEmbeddings.unpack(emb, dim)
         return late_interaction_metrics(self.scorer.similarity, image_tokens=tokens.image_tokens, tasks=tasks,
@@ -251,13 +293,15 @@ class EvalSuite:
         """Scores every set; `tag` (or "step_<step>") names the checkpoint in the embedding cache key.
 
         The suite's scorer decides pooled cosine or FILIP's token-wise late interaction; a set
-        with the `captioning` task also gets caption CE, BLEU-4 and CIDEr.
+        with the `captioning` task also gets caption CE, BLEU-4 and CIDEr. A set whose
+        `context_length` exceeds the model's text positions is refused before anything runs.
         """
         device = torch.device(device)
         tag = tag if tag is not None else (f"step_{step}" if step is not None else None)
-        encode_image, encode_text = self._encoders(objective, device)
+        check_text_context(self.specs, objective)
         results: dict[str, dict[str, dict[str, float]]] = {}
         for spec in self.specs:
+            encode_image, encode_text = self._encoders(objective, device, spec)
             tasks = [t for t in spec.tasks if t != "captioning"]
             if isinstance(self.scorer, LateInteraction):
                 results[spec.name] = self._late_interaction(spec, objective, device, tag)
@@ -274,8 +318,8 @@ class EvalSuite:
             for set_name, tasks in results.items():
                 for task, metrics in tasks.items():
                     write_benchmark_json(self.out_dir / f"{set_name}_{task}.json", dataset=set_name,
-                                         model=self.model_name, pretrained=self.pretrained, task=task,
-                                         metrics=metrics)
+                                         model=self.model_name, pretrained=self.pretrained,
+                                         task=BENCHMARK_TASK_NAMES.get(task, task), metrics=metrics)
         return {f"{s}/{m}": v for s, tasks in results.items() for metrics in tasks.values() for m, v in metrics.items()}
 
     def _captioning(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device) -> dict:
