@@ -155,8 +155,8 @@ def build(dest: Path) -> None:
         # DS_BUILD_OPS=0: no compiled ops in the wheel (DeepSpeed JIT-builds any it needs on the GPU);
         # no build isolation, so the sdists build against this environment's torch and setuptools.
         source = [f"{n}=={MAIN_PINS[n]}" for n in SOURCE_ONLY]
-        pip("wheel", "--no-cache-dir", "--no-deps", "--no-build-isolation", "--no-binary", ",".join(SOURCE_ONLY), "-w", str(scratch),
-            *source, env={**os.environ, "DS_BUILD_OPS": "0"})
+        pip("wheel", "--no-cache-dir", "--no-deps", "--no-build-isolation", "--no-binary", ",".join(SOURCE_ONLY),
+            "-w", str(scratch), *source, env={**os.environ, "DS_BUILD_OPS": "0"})
         for whl in scratch.glob("*.whl"):
             _, abi, platform = whl.name[:-len(".whl")].split("-")[-3:]
             if abi not in ("none", "abi3", "cp312") or not (platform == "any" or all(
