@@ -189,11 +189,14 @@ def check_folder(folder: Path) -> None:
 
 # -- rehearse ----------------------------------------------------------------------------------------
 
-def write_stub_wheel(folder: Path, name: str, version: str) -> Path:
-    """A wheel with metadata only: the image's package as pip's resolver will see it."""
+def write_stub_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A wheel with metadata only: the image's package as pip's resolver will see it. The image's
+    own requirements are left out (`requires`, for tests): the image is taken as consistent."""
     dist = f"{name.replace('-', '_')}-{version}"
     path = folder / f"{dist}-py3-none-any.whl"
-    files = {f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n"
+                                                                                 for r in requires)
+    files = {f"{dist}.dist-info/METADATA": meta,
              f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: clipkit-gpu-wheels\nRoot-Is-Purelib: true\n"
                                          "Tag: py3-none-any\n"}
     files[f"{dist}.dist-info/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{dist}.dist-info/RECORD,,\n"
