@@ -42,13 +42,14 @@ WHEELS = REPO / "benchmarks" / "wheels"
 
 # What the GPU image holds (issue 22), at the versions the rehearsal assumes; `verify` checks the
 # real ones there. torchvision: timm requires it, so an image with timm has it. packaging,
-# fsspec and filelock come with pytest and huggingface-hub. Never carried: torch, triton and
-# the nvidia-* CUDA libraries are the image's and are hundreds of MB.
+# fsspec and filelock come with pytest and huggingface-hub; python-dateutil, six and tzdata with
+# pandas. Never carried: torch, triton and the nvidia-* CUDA libraries are the image's (GBs).
 IMAGE_PACKAGES = {
     "torch": "2.11.0", "torchvision": "0.26.0", "triton": "3.6.0", "numpy": "2.3.5", "pandas": "2.3.3",
     "pytest": "9.0.2", "pillow": "12.1.0", "scipy": "1.16.3", "scikit-learn": "1.8.0", "safetensors": "0.7.0",
     "huggingface-hub": "1.2.3", "regex": "2025.11.3", "tqdm": "4.67.1", "pyyaml": "6.0.3", "timm": "1.0.24",
-    "packaging": "25.0", "fsspec": "2025.12.0", "filelock": "3.20.0",
+    "packaging": "25.0", "fsspec": "2025.12.0", "filelock": "3.20.0", "python-dateutil": "2.9.0.post0",
+    "six": "1.17.0", "tzdata": "2025.2",
 }
 
 # The versions this CPU machine's .venv runs and tests (tests/unit/test_gpu_checks.py holds them equal).
@@ -61,17 +62,24 @@ MAIN_PINS = {
     "typing-extensions": "4.16.0",
     "hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "4.9.3",
     "webdataset": "1.0.2", "braceexpand": "0.1.7",
+    # Not used by the checks, but imported by any training run: clipkit.recipe imports clipkit.eval,
+    # whose search module imports faiss at the top (19 MB), and every run ends by plotting its
+    # curves with matplotlib (15 MB with its dependencies). Lazy imports there would drop both.
+    "faiss-cpu": "1.15.1",
+    "matplotlib": "3.11.2", "contourpy": "1.3.3", "cycler": "0.12.1", "fonttools": "4.69.1", "kiwisolver": "1.5.1",
+    "pyparsing": "3.3.3",
 }
 # open_clip_train's data pipeline breaks with webdataset 1.x (KeyError: 'fname'); it gets this one first.
 SIDE_PINS = {"webdataset": "0.2.86"}
 # No wheel on the package index (sdist only): built here with `pip wheel --no-deps`.
 SOURCE_ONLY = ("deepspeed", "antlr4-python3-runtime")
+# Its pure-Python wheel (1.3 MB) instead of the compiled one (6.7 MB): the C parts only speed up font work.
+PURE_PREFERRED = ("fonttools",)
 
 # clipkit's dependencies (pyproject.toml) that the GPU checks never import, left out for size.
 LEFT_OUT = {
-    "wandb": "the checks log to metrics.jsonl (logger=jsonl, the default); wandb is about 20 MB",
-    "faiss-cpu": "only clipkit.eval.search imports it, and the checks run with eval=none; about 30 MB",
-    "matplotlib": "only clipkit.plots imports it (training curves); about 9 MB with its dependencies",
+    "wandb": "the checks log to metrics.jsonl (logger=jsonl, the default; timm imports it only if present); "
+             "about 20 MB",
     "pycocoevalcap": "CoCa's caption metrics only; about 100 MB (Java jars)",
     "pyarrow": "`clipkit-shards parquet` only; about 40 MB",
 }
@@ -148,9 +156,11 @@ def build(dest: Path) -> None:
     """Downloads MAIN_PINS and SIDE_PINS (builds SOURCE_ONLY) into a fresh `dest`."""
     scratch = Path(tempfile.mkdtemp(prefix="gpu-wheels-", dir=dest.parent))
     try:
-        binary = [f"{n}=={v}" for n, v in MAIN_PINS.items() if n not in SOURCE_ONLY]
-        # Two calls: the two webdataset pins conflict for one resolver run.
+        binary = [f"{n}=={v}" for n, v in MAIN_PINS.items() if n not in SOURCE_ONLY + PURE_PREFERRED]
+        # Separate calls: the two webdataset pins conflict for one resolver run.
         pip("download", "--no-deps", *TARGET_FLAGS, "-d", str(scratch), *binary)
+        pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "py",
+            "--abi", "none", "--platform", "any", "-d", str(scratch), *[f"{n}=={MAIN_PINS[n]}" for n in PURE_PREFERRED])
         pip("download", "--no-deps", *TARGET_FLAGS, "-d", str(scratch), *[f"{n}=={v}" for n, v in SIDE_PINS.items()])
         # DS_BUILD_OPS=0: no compiled ops in the wheel (DeepSpeed JIT-builds any it needs on the GPU);
         # no build isolation, so the sdists build against this environment's torch and setuptools.
