@@ -37,6 +37,7 @@ SIDE=/tmp/clipkit-gpu-side       # webdataset 0.2.86 for open_clip_train, ahead 
 WORK=/tmp/clipkit-gpu-work
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}
+export PATH=$SITE/bin:$PATH      # ninja, should DeepSpeed JIT-build an op
 START=$(date +%s)
 STATUS=()
 stamp() { echo "[gpu_checks +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
