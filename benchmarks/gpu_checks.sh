@@ -74,7 +74,7 @@ part loss_bench 160 "$PY" benchmarks/loss_bench_gpu.py --batch 16384 65536 26214
 REPEATS=2
 (( BUDGET - ($(date +%s) - START) < 200 )) && REPEATS=1
 part train_bench 260 "$PY" benchmarks/train_bench.py --device cuda --precision bf16 --cases vitb32 --batch 256 \
-  --steps 64 --skip 10 --workers 8 --repeats "$REPEATS" --trainers clipkit,open_clip --side-path "$SIDE" \
+  --steps 64 --skip 10 --workers 8 --repeats "$REPEATS" --trainers clipkit,open_clip --side-path "$SIDE" --keep-going \
   --workdir "$WORK" --out "$OUT_DIR/train_bench_gpu.json"
 
 stamp "done"

@@ -87,6 +87,8 @@ def train_lines(data: dict | None) -> list[str]:
             raw = ", ".join(f"{r['samples_per_s']:.0f}" for r in point["runs"][trainer])
             lines.append(f"  {trainer:>10}: {m['samples_per_s']:.0f} samples/s ({raw}){gpu}, data wait "
                          f"{m['data_wait_frac']:.0%}, loss last10 {m['last10_loss_mean']:.4f}")
+        for trainer, err in point.get("failed", {}).items():
+            lines.append(f"  {trainer:>10}: FAILED: {err.strip().splitlines()[-1][:100]}")
         for label, q in rat.items():
             gpu = f", GPU memory {q['peak_gpu_mib']:.2f}x" if "peak_gpu_mib" in q else ""
             lines.append(f"  {label} / open_clip_train: samples/s {q['samples_per_s']:.2f}x{gpu}")

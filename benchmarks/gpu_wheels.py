@@ -347,6 +347,9 @@ def verify(targets: list[Path]) -> int:
         seen.setdefault(canonical(dist.metadata["Name"]), dist.version)
     problems = 0
     for target in targets:
+        if not any(md.distributions(path=[str(target)])):
+            problems += 1
+            print(f"unmet: {target} holds no installed package (did the install run?)")
         for dist in md.distributions(path=[str(target)]):
             for line in dist.requires or []:
                 req = Requirement(line)

@@ -299,8 +299,10 @@ class GpuMemoryMonitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             out = subprocess.run(self.cmd, capture_output=True, text=True).stdout.strip()
-            if out:
+            try:
                 self.peak_mib = max(self.peak_mib, float(out.splitlines()[0]))
+            except (ValueError, IndexError):  # "[N/A]" or nothing: keep the samples that parsed
+                pass
             self._stop.wait(self.every)
 
     def start(self) -> None:
@@ -532,6 +534,9 @@ def main() -> None:
     p.add_argument("--venv", default=str(BENCH_VENV), help="open_clip_train's side venv")
     p.add_argument("--make-venv", action="store_true", help="(re)build --venv, then exit")
     p.add_argument("--wheels", help="with --make-venv: install from this wheel folder only (no index)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a trainer whose run fails is left out of the later rounds (its error kept in the JSON); "
+                        "the others go on")
     p.add_argument("--side-path", help="instead of --venv: run open_clip_train with this Python and DIR (holding "
                                        "webdataset 0.2.86) first on PYTHONPATH")
     p.add_argument("--out", help="JSON results (default benchmarks/results/train_bench_<device>.json)")
@@ -574,21 +579,34 @@ def main() -> None:
             setup = Setup(case, procs, urls, clipkit_model, open_clip_model, args.workers, args.precision, args.device)
             key = f"{case.name}/{procs}p/{args.precision}"
             runs: dict[str, list[dict]] = {t: [] for t in trainers}
+            failed: dict[str, str] = {}
             for r in range(args.repeats):
-                for trainer in trainers:
-                    result = run_once(trainer, setup, pythons, work, f"r{r}", args.side_path)
+                for trainer in [t for t in trainers if t not in failed]:
+                    try:
+                        result = run_once(trainer, setup, pythons, work, f"r{r}", args.side_path)
+                    except RuntimeError as err:
+                        if not args.keep_going:
+                            raise
+                        # The other trainer's numbers are still worth having (a GPU run is minutes long).
+                        failed[trainer] = str(err)[-3000:]
+                        print(f"  {key} {trainer} r{r} FAILED, left out from here on:\n{failed[trainer]}", flush=True)
+                        continue
                     runs[trainer].append(result)
+                    gpu = f", GPU peak {result['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in result else ""
                     print(f"  {key} {trainer} r{r}: {result['samples_per_s']:.1f} samples/s, "
                           f"{result['cpu_s_per_step']:.3f} CPU s/step, loss {result['final_loss']:.4f}, "
-                          f"load {result['load_before'][0]:.2f}", flush=True)
-            med = {t: medians(runs[t]) for t in trainers}
-            rat = ({t: ratios(med[t], med["open_clip"]) for t in trainers if t.startswith("clipkit")}
-                   if "open_clip" in trainers else {})
+                          f"load {result['load_before'][0]:.2f}{gpu}", flush=True)
+            runs = {t: v for t, v in runs.items() if v}
+            if not runs:
+                raise SystemExit(f"every trainer failed at {key}")
+            med = {t: medians(runs[t]) for t in runs}
+            rat = ({t: ratios(med[t], med["open_clip"]) for t in runs if t.startswith("clipkit")}
+                   if "open_clip" in runs else {})
             print_point(key, runs, med, rat)
             points[key] = {"case": {**case.__dict__, "shards": shards, "urls": urls, "workers": args.workers,
                                     "procs": procs, "precision": args.precision, "repeats": args.repeats,
                                     "order": "alternating " + " / ".join(trainers)},
-                           "runs": runs, "medians": med, "ratios_over_open_clip": rat,
+                           "runs": runs, "medians": med, "ratios_over_open_clip": rat, "failed": failed,
                            "loadavg_end": list(os.getloadavg())}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n")
