@@ -64,6 +64,8 @@ stamp "python $PY; budget ${BUDGET}s; output $OUT_DIR"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee -a "$LOG"
+# The image's own packages, before anything is installed: what benchmarks/gpu_wheels.py's IMAGE_PACKAGES assumed.
+PYTHONPATH= "$PY" -m pip list --format=freeze --disable-pip-version-check >> "$LOG" 2>&1
 
 part install 90 "$PY" benchmarks/gpu_wheels.py install --target "$SITE" --side-target "$SIDE"
 part verify 30 "$PY" benchmarks/gpu_wheels.py verify "$SITE" "$SIDE"

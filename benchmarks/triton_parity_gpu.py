@@ -179,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"device: {name}; torch {torch.__version__}; tolerance {TOLERANCE}", flush=True)
     rows, start = [], time.time()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write():  # after every size: a run cut short by a timeout keeps its rows
+        out.write_text(json.dumps({"device": name, "torch": torch.__version__, "tolerance": TOLERANCE, "rows": rows},
+                                  indent=2))
+
     for dtype in args.dtypes:
         for size in args.sizes:
             batch, dim = map(int, size.lower().split("x"))
@@ -188,13 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             for r in new:
                 print(fmt(r), flush=True)
             rows += new
+            write()
     failed = [r for r in rows if not r["pass"]]
     print(f"parity: {len(rows) - len(failed)}/{len(rows)} rows pass in {time.time() - start:.0f} s"
           + (f"; FAILED: {len(failed)}" if failed else ""))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "torch": torch.__version__, "tolerance": TOLERANCE, "rows": rows},
-                              indent=2))
+    write()
     return 1 if failed else 0
 
 
