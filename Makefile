@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.clipkit-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup slurm-packages demo test test-slow clean-demo bench-venv
+.PHONY: setup slurm-packages demo test test-slow clean-demo bench-venv gpu-wheels gpu-rehearsal
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,15 @@ clean-demo:
 # .bench-venv/, torch and open_clip read from .venv (the project's environment is not changed).
 bench-venv: setup
 	$(BIN)/python benchmarks/train_bench.py --make-venv
+
+# The GPU checks' wheels (benchmarks/gpu_checks.sh; no network there): what clipkit, open_clip_train and the
+# checks need and the GPU image (Python 3.12, torch, triton, numpy, pandas...) lacks, for CPython 3.12 on
+# manylinux x86_64, into the ignored benchmarks/wheels/ (about 9 MB; it travels with the tree). Needs the
+# package index; deepspeed and antlr4-python3-runtime (sdists only) are built here.
+gpu-wheels: setup
+	$(BIN)/python benchmarks/gpu_wheels.py build
+
+# The install, rehearsed on CPU against the GPU image's package list: pip's resolver over the folder and
+# metadata-only stubs of the image's packages must pick every wheel and need nothing else.
+gpu-rehearsal: setup
+	$(BIN)/python benchmarks/gpu_wheels.py rehearse

@@ -9,13 +9,17 @@ after `--warmup` runs (CUDA events), and peak memory above the inputs
 (torch.cuda.max_memory_allocated after a reset, so the features and their gradients are
 not counted). `x 4U` is the time over the 4U floor: 4·2·B²·D FLOP at the device's dense
 peak for the dtype (PEAK_FLOPS; SigLIP's own minimum is 3U, the column keeps one
-yardstick). `rel err` is the loss against open_clip's on the same inputs where both ran.
+yardstick); `x 4U meas` the same at the rate torch.mm reaches on this device in this run
+(an 8192³ GEMM in the dtype, no TF32), the floor that is actually attainable. `rel err` is
+the loss against open_clip's on the same inputs where both ran.
 A run that does not fit prints OOM, and the larger B of that implementation are skipped.
 
 Implementations:
   triton      clipkit.kernels.triton_contrastive through a local one-process autograd
               Function (forward: stats; backward: grads; d(scale) = Σ q·dq); SigLIP forms
               its gradients in the forward (3 matmuls in one pass).
+  chunked     clipkit's chunked PyTorch kernels (`loss.impl=chunked`, chunk_size auto) through
+              clipkit.losses.fused: what runs where Triton does not.
   open_clip   open_clip.loss.ClipLoss / SigLipLoss (materialized B×B logits).
   compiled    the naive materialized loss under torch.compile (up to --compiled-max-batch).
   infcl       Inf-CL's cal_inf_loss, both directions (`pip install inf-cl`; CLIP only).
@@ -34,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-IMPLS = ["triton", "open_clip", "compiled", "infcl"]
+IMPLS = ["triton", "chunked", "open_clip", "compiled", "infcl"]
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 # Dense peak FLOP/s by device-name substring, per input dtype. fp32 is the CUDA-core peak:
 # the Triton path multiplies float32 inputs in exact fp32 ("ieee"), not TF32.
@@ -52,6 +56,28 @@ def peak_flops(device_name: str, dtype: str) -> float:
         if key in device_name:
             return peaks[dtype]
     return math.nan
+
+
+def measured_gemm_flops(dtype: str, n: int = 8192, reps: int = 10) -> float:
+    """FLOP/s of torch.mm on [n, n] x [n, n] in `dtype` on the current GPU (median of `reps`)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 is timed as the Triton path multiplies: exact fp32
+    tdt = getattr(torch, DTYPES[dtype])
+    a = torch.randn(n, n, device="cuda").to(tdt)
+    b = torch.randn(n, n, device="cuda").to(tdt)
+    times = []
+    for step in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        torch.cuda.synchronize()
+        if step >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times)
 
 
 def triton_losses(chunk: int, tiles=None):
@@ -124,6 +150,11 @@ def loss_fn(kind: str, impl: str, chunk: int, tiles=None):
     """The loss function, or a string saying why the implementation cannot run."""
     if impl == "triton":
         return triton_losses(chunk, tiles)[kind == "siglip"]
+    if impl == "chunked":
+        from clipkit.losses.fused import fused_clip_loss, fused_siglip_loss
+        if kind == "clip":
+            return lambda i, t, s, b: fused_clip_loss(i, t, s, impl="chunked", chunk=None)
+        return lambda i, t, s, b: fused_siglip_loss(i, t, s, b, impl="chunked", chunk=None)
     if impl == "open_clip":
         from open_clip.loss import ClipLoss, SigLipLoss
         module = ClipLoss() if kind == "clip" else SigLipLoss()
@@ -199,7 +230,7 @@ def fmt_row(r: dict) -> str:
         return f"{head} {r['status']}"
     peak = f"{r['peak_mb']:>10.0f}" if r["peak_mb"] is not None else f"{'-':>10}"
     return (f"{head} {r['median_s'] * 1e3:>11.2f} {peak} {r['x_floor_4u']:>8.2f} "
-            f"{r['loss_rel_err_vs_open_clip']:>9.1e}")
+            f"{r.get('x_floor_4u_measured', math.nan):>10.2f} {r['loss_rel_err_vs_open_clip']:>9.1e}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
-        device, impls = "cpu", [i for i in args.impls if i in ("triton", "open_clip")]
+        device, impls = "cpu", [i for i in args.impls if i in ("triton", "chunked", "open_clip")]
         warmup = 0
     else:
         if not torch.cuda.is_available():
@@ -239,7 +270,18 @@ def main(argv: list[str] | None = None) -> None:
         tiles = TileConfig(*map(int, args.tiles.split(",")))
     name = device_name(device)
     print(f"device: {name}; median of {args.reps} after {warmup} warm-up; torch {torch.__version__}", flush=True)
+    measured = {dt: measured_gemm_flops(dt) if device == "cuda" else math.nan for dt in args.dtype}
+    print("measured GEMM rate: " + ", ".join(f"{dt} {v / 1e12:.0f} TFLOP/s (datasheet {peak_flops(name, dt) / 1e12:.0f})"
+                                             for dt, v in measured.items()), flush=True)
     rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows):  # after every group: a run cut short by a timeout keeps what it measured
+        out.write_text(json.dumps({"device": name, "torch": torch.__version__, "reps": args.reps, "warmup": warmup,
+                                   "chunk": args.chunk, "tiles": args.tiles, "peak_flops": PEAK_FLOPS,
+                                   "measured_gemm_flops": measured, "rows": rows}, indent=2))
+
     for kind in args.kinds:
         for dtype in args.dtype:
             for dim in args.dim:
@@ -269,21 +311,21 @@ def main(argv: list[str] | None = None) -> None:
                         group.append(row)
                     ref = next((r for r in group if r["impl"] == "open_clip" and r["status"] == "ok"), None)
                     floor = 4 * 2 * batch**2 * dim / peak_flops(name, dtype)
+                    floor_measured = 4 * 2 * batch**2 * dim / measured[dtype]
                     for r in group:
                         if r["status"] == "ok":
                             r["x_floor_4u"] = r["median_s"] / floor if device == "cuda" else math.nan
+                            r["x_floor_4u_measured"] = r["median_s"] / floor_measured if device == "cuda" else math.nan
                             r["loss_rel_err_vs_open_clip"] = (abs(r["loss"] - ref["loss"]) / abs(ref["loss"])
                                                               if ref else math.nan)
                         print("  " + fmt_row(r), flush=True)
                     rows += group
+                    write(rows)
     print(f"\n{'loss':7} {'dtype':5} {'D':>4} {'B':>8} {'impl':10} {'fwd+bwd ms':>11} {'peak MB':>10} "
-          f"{'x 4U':>8} {'rel err':>9}")
+          f"{'x 4U':>8} {'x 4U meas':>10} {'rel err':>9}")
     for r in rows:
         print(fmt_row(r))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "torch": torch.__version__, "reps": args.reps, "warmup": warmup,
-                               "chunk": args.chunk, "tiles": args.tiles, "peak_flops": PEAK_FLOPS, "rows": rows}, indent=2))
+    write(rows)
     print(f"wrote {out}")
 
 

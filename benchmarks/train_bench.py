@@ -37,6 +37,12 @@ logits), the same in expectation. Runs alternate clipkit, open_clip_train, clipk
 `--repeats` rounds; medians and raw values go to `--out` (merged by case and process count into
 an existing file), with the load average before and after each run. A trainer `clipkit@DIR` runs
 clipkit from another source tree (a folder holding `clipkit/` and `conf/`) in the same rotation.
+
+On a GPU (`--device cuda`) each run also records the device's peak used memory (nvidia-smi,
+sampled every 0.25 s: everything on the GPU, the CUDA context included, for both trainers alike).
+`--side-path DIR` replaces the side venv where none can be built (the GPU machine: no network,
+a system Python): open_clip_train then runs with this Python and DIR first on PYTHONPATH, DIR
+holding webdataset 0.2.86 (benchmarks/gpu_wheels.py installs it there).
 """
 
 from __future__ import annotations
@@ -280,14 +286,43 @@ class TreeMonitor:
         return c0 + (c1 - c0) * (t - t0) / max(t1 - t0, 1e-9)
 
 
-def launch(cmd: list[str], env: dict[str, str], log_path: Path,
-           cwd: Path = REPO) -> tuple[int, list[tuple[float, str]], TreeMonitor, float, float]:
+class GpuMemoryMonitor:
+    """Peak used memory of the GPU (MiB, nvidia-smi), sampled every `every` s while running."""
+
+    def __init__(self, every: float = 0.25):
+        index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        self.cmd = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", index]
+        self.every, self.peak_mib = every, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run(self.cmd, capture_output=True, text=True).stdout.strip()
+            try:
+                self.peak_mib = max(self.peak_mib, float(out.splitlines()[0]))
+            except (ValueError, IndexError):  # "[N/A]" or nothing: keep the samples that parsed
+                pass
+            self._stop.wait(self.every)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def launch(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path = REPO,
+           gpu: GpuMemoryMonitor | None = None) -> tuple[int, list[tuple[float, str]], TreeMonitor, float, float]:
     """Runs `cmd` in `cwd`, timestamping each output line as it arrives. -> (rc, lines, monitor, start, end)."""
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
     monitor = TreeMonitor(proc.pid)
     monitor.start()
+    if gpu is not None:
+        gpu.start()
     lines = []
     with log_path.open("w") as log:
         for line in proc.stdout:
@@ -296,6 +331,8 @@ def launch(cmd: list[str], env: dict[str, str], log_path: Path,
     rc = proc.wait()
     end = time.time()
     monitor.stop()
+    if gpu is not None:
+        gpu.stop()
     return rc, lines, monitor, start, end
 
 
@@ -367,7 +404,8 @@ def summarize(steps: list[Step], monitor: TreeMonitor, start: float, end: float,
             "last10_loss_std": statistics.pstdev(last10), "timed_steps": len(timed)}
 
 
-def run_once(trainer: str, s: Setup, pythons: dict[str, str], work: Path, tag: str) -> dict:
+def run_once(trainer: str, s: Setup, pythons: dict[str, str], work: Path, tag: str,
+             side_path: str | None = None) -> dict:
     out_dir = work / "runs"
     name = f"{s.case.name}-{s.procs}p-{re.sub(r'[^A-Za-z0-9_]+', '_', trainer)}-{tag}"
     shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -379,12 +417,15 @@ def run_once(trainer: str, s: Setup, pythons: dict[str, str], work: Path, tag: s
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if kind == "clipkit":
         env["PYTHONPATH"] = os.pathsep.join([source or str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    elif side_path:  # webdataset 0.2.86 ahead of clipkit's 1.x
+        env["PYTHONPATH"] = os.pathsep.join([side_path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    gpu = GpuMemoryMonitor() if s.device == "cuda" and shutil.which("nvidia-smi") else None
     load_before = os.getloadavg()
     # open_clip_train writes under --logs (default ./logs/); the flag is not passed because torchrun's
     # own parser (torch >= 2.9) rejects "--logs" anywhere on its command line as an ambiguous
     # abbreviation of its --logs-specs, so open_clip_train runs in out_dir instead.
     rc, lines, monitor, start, end = launch(cmd, env, work / "runs" / f"{name}.log",
-                                            cwd=REPO if kind == "clipkit" else out_dir)
+                                            cwd=REPO if kind == "clipkit" else out_dir, gpu=gpu)
     if rc != 0:
         tail = "\n".join(line for _, line in lines[-40:])
         raise RuntimeError(f"{trainer} exited with {rc}: {' '.join(cmd)}\n{tail}")
@@ -398,6 +439,8 @@ def run_once(trainer: str, s: Setup, pythons: dict[str, str], work: Path, tag: s
     result = summarize(steps, monitor, start, end, s.case)
     result.update(extra, load_before=[round(x, 2) for x in load_before],
                   load_after=[round(x, 2) for x in os.getloadavg()])
+    if gpu is not None:
+        result["peak_gpu_mib"] = gpu.peak_mib
     shutil.rmtree(out_dir / name, ignore_errors=True)   # the checkpoints (ViT-B-32: about 1.8 GB each)
     shutil.rmtree(out_dir / "logs" / name, ignore_errors=True)
     result["command"] = cmd
@@ -411,13 +454,15 @@ METRICS = ("samples_per_s", "data_wait_frac", "cpu_s_per_step", "peak_rss_mib", 
 
 
 def medians(runs: list[dict]) -> dict[str, float]:
-    return {k: statistics.median(r[k] for r in runs) for k in METRICS}
+    keys = METRICS + (("peak_gpu_mib",) if all("peak_gpu_mib" in r for r in runs) else ())
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
 
 
 def ratios(ck: dict[str, float], oc: dict[str, float]) -> dict[str, float]:
     """clipkit / open_clip_train of each median (samples/s: higher is better; the rest: lower)."""
-    return {k: ck[k] / oc[k] for k in ("samples_per_s", "cpu_s_per_step", "peak_rss_mib", "peak_rss_one_process_mib",
-                                       "startup_s", "wall_s")}
+    keys = ("samples_per_s", "cpu_s_per_step", "peak_rss_mib", "peak_rss_one_process_mib", "startup_s", "wall_s",
+            "peak_gpu_mib")
+    return {k: ck[k] / oc[k] for k in keys if k in ck and k in oc and oc[k]}
 
 
 def print_point(key: str, runs: dict[str, list[dict]], med: dict[str, dict], rat: dict[str, dict[str, float]]) -> None:
@@ -438,6 +483,11 @@ def print_point(key: str, runs: dict[str, list[dict]], med: dict[str, dict], rat
         print(f"{'ratio':>10} {q['samples_per_s']:>9.2f}x {'':>9} {q['cpu_s_per_step']:>9.2f}x "
               f"{q['peak_rss_mib']:>7.2f}x {q['peak_rss_one_process_mib']:>6.2f}x {q['startup_s']:>6.2f}x "
               f"{q['wall_s']:>6.2f}x   ({label} / open_clip_train)")
+    for trainer, m in med.items():
+        if "peak_gpu_mib" in m:
+            ratio = next((f", {q['peak_gpu_mib']:.2f}x open_clip_train" for label, q in rat.items()
+                          if label == trainer and "peak_gpu_mib" in q), "")
+            print(f"{trainer} peak GPU memory (median): {m['peak_gpu_mib']:.0f} MiB{ratio}")
     for label in (t for t in runs if t.startswith("clipkit")):
         split = [r["split"] for r in runs[label]]
         print(f"{label} step split (median): " + ", ".join(f"{k} {statistics.median(x[k] for x in split):.1%}"
@@ -484,6 +534,11 @@ def main() -> None:
     p.add_argument("--venv", default=str(BENCH_VENV), help="open_clip_train's side venv")
     p.add_argument("--make-venv", action="store_true", help="(re)build --venv, then exit")
     p.add_argument("--wheels", help="with --make-venv: install from this wheel folder only (no index)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a trainer whose run fails is left out of the later rounds (its error kept in the JSON); "
+                        "the others go on")
+    p.add_argument("--side-path", help="instead of --venv: run open_clip_train with this Python and DIR (holding "
+                                       "webdataset 0.2.86) first on PYTHONPATH")
     p.add_argument("--out", help="JSON results (default benchmarks/results/train_bench_<device>.json)")
     args = p.parse_args()
     if args.make_venv:
@@ -493,7 +548,7 @@ def main() -> None:
     if args.steps and args.steps % args.workers:
         # open_clip_train rounds its epoch up to a multiple of the workers (and would run longer).
         raise SystemExit(f"--steps {args.steps} must be a multiple of --workers {args.workers}")
-    side_python = str(Path(args.venv) / "bin" / "python")
+    side_python = sys.executable if args.side_path else str(Path(args.venv) / "bin" / "python")
     if any(t not in ("clipkit", "open_clip") and not t.startswith("clipkit@") for t in trainers):
         raise SystemExit(f"--trainers {args.trainers}: use clipkit, open_clip and clipkit@<source tree>")
     if "open_clip" in trainers and not Path(side_python).exists():
@@ -524,21 +579,34 @@ def main() -> None:
             setup = Setup(case, procs, urls, clipkit_model, open_clip_model, args.workers, args.precision, args.device)
             key = f"{case.name}/{procs}p/{args.precision}"
             runs: dict[str, list[dict]] = {t: [] for t in trainers}
+            failed: dict[str, str] = {}
             for r in range(args.repeats):
-                for trainer in trainers:
-                    result = run_once(trainer, setup, pythons, work, f"r{r}")
+                for trainer in [t for t in trainers if t not in failed]:
+                    try:
+                        result = run_once(trainer, setup, pythons, work, f"r{r}", args.side_path)
+                    except RuntimeError as err:
+                        if not args.keep_going:
+                            raise
+                        # The other trainer's numbers are still worth having (a GPU run is minutes long).
+                        failed[trainer] = str(err)[-3000:]
+                        print(f"  {key} {trainer} r{r} FAILED, left out from here on:\n{failed[trainer]}", flush=True)
+                        continue
                     runs[trainer].append(result)
+                    gpu = f", GPU peak {result['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in result else ""
                     print(f"  {key} {trainer} r{r}: {result['samples_per_s']:.1f} samples/s, "
                           f"{result['cpu_s_per_step']:.3f} CPU s/step, loss {result['final_loss']:.4f}, "
-                          f"load {result['load_before'][0]:.2f}", flush=True)
-            med = {t: medians(runs[t]) for t in trainers}
-            rat = ({t: ratios(med[t], med["open_clip"]) for t in trainers if t.startswith("clipkit")}
-                   if "open_clip" in trainers else {})
+                          f"load {result['load_before'][0]:.2f}{gpu}", flush=True)
+            runs = {t: v for t, v in runs.items() if v}
+            if not runs:
+                raise SystemExit(f"every trainer failed at {key}")
+            med = {t: medians(runs[t]) for t in runs}
+            rat = ({t: ratios(med[t], med["open_clip"]) for t in runs if t.startswith("clipkit")}
+                   if "open_clip" in runs else {})
             print_point(key, runs, med, rat)
             points[key] = {"case": {**case.__dict__, "shards": shards, "urls": urls, "workers": args.workers,
                                     "procs": procs, "precision": args.precision, "repeats": args.repeats,
                                     "order": "alternating " + " / ".join(trainers)},
-                           "runs": runs, "medians": med, "ratios_over_open_clip": rat,
+                           "runs": runs, "medians": med, "ratios_over_open_clip": rat, "failed": failed,
                            "loadavg_end": list(os.getloadavg())}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n")
