@@ -32,14 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipkit import distributed
 from clipkit.checkpoint import Checkpointer, export_open_clip
-from clipkit.data import Source, TrainLoader, build_sources, build_train_loader
+from clipkit.data import Source, TrainLoader, build_sources, build_train_loader, roles_from_config
 from clipkit.engine import build_optimizer, build_schedule, check_schedule, initialize_engine, render_deepspeed_config
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval.runner import SearchConfig
 from clipkit.eval.scoring import build_scorer
 from clipkit.eval.suite import EvalSetSpec, EvalSuite, build_eval_specs, build_search_config, check_captioning
+from clipkit.eval.text_context import check_text_context
 from clipkit.loggers import MetricLoggers, build_loggers
 from clipkit.models import ModelBundle, build_model, build_teacher_model, compile_towers, lock_towers, open_clip_config
+from clipkit.models.positions import check_text_length
 from clipkit.objective import ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
 from clipkit.preemption import Preempted, PreemptionWatch, ignore_preemption_signals, parse_signals, requeue_slurm_job
@@ -200,6 +202,35 @@ class Inputs:
     resume_universal: bool = False   # the tag was written by another number of ranks at ZeRO 1-3
 
 
+def model_text_context(model_cfg: DictConfig) -> int:
+    """The text positions `model:` will have: `model.context_length`, else the (inline or
+    registered) architecture's `text_cfg.context_length` (open_clip's default 77)."""
+    if model_cfg.get("context_length"):
+        return int(model_cfg.context_length)
+    arch = _plain(model_cfg.config) if model_cfg.get("config") is not None else open_clip_config(model_cfg.name)
+    return int(arch.get("text_cfg", {}).get("context_length", 77))
+
+
+def check_text_roles(data_texts: Any, loss_cfg: DictConfig, model_context: int) -> None:
+    """The text roles (`data.texts`) against the model and the loss, before any process starts:
+    each role's `context_length` fits the model's positions, and a loss term's positives are not
+    a `negative: true` role nor its negatives a positive one. Raises ClipkitConfigError."""
+    roles = {role.name: role for role in roles_from_config(data_texts) or ()}
+    for role in roles.values():
+        if role.context_length is not None:
+            check_text_length(role.context_length, model_context, f"data.texts.{role.name}.context_length")
+    for term, spec in (_plain(loss_cfg.get("terms")) or {}).items():
+        if not isinstance(spec, dict):
+            continue   # the loss's own constructor names what is wrong with the term
+        positive, negative = roles.get(spec.get("texts")), roles.get(spec.get("negatives"))
+        if positive is not None and positive.negative:
+            raise ClipkitConfigError(f"loss.terms.{term}.texts={positive.name} is a role of hard negatives "
+                                     f"(data.texts.{positive.name}.negative=true); name a positive role")
+        if negative is not None and not negative.negative:
+            raise ClipkitConfigError(f"loss.terms.{term}.negatives={negative.name} is a positive role; set "
+                                     f"data.texts.{negative.name}.negative=true or name a role of hard negatives")
+
+
 def check_inputs(cfg: DictConfig) -> Inputs:
     """Every user input that can be checked without a process group: shard paths, eval sets,
     search and scoring keys, preemption signals, the resume target. Cheap; raises ClipkitConfigError."""
@@ -208,6 +239,7 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     eval_search = build_search_config(cfg.eval)
     build_scorer(cfg.eval.scoring)
     check_schedule(cfg.sched)
+    check_text_roles(cfg.data.get("texts"), cfg.loss, model_text_context(cfg.model))
     if cfg.trainer.nonfinite not in NONFINITE_POLICIES:
         raise ClipkitConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r} is not one of "
                                  f"{', '.join(NONFINITE_POLICIES)}")
@@ -273,6 +305,7 @@ def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Ru
     run_dir = RunDir(cfg.paths.run_dir)
     bundle = build_towers(cfg.model)
     check_captioning(inputs.eval_specs, bundle.model, zero_stage=cfg.trainer.zero_stage, world_size=dist.world_size)
+    check_text_context(inputs.eval_specs, bundle.model)   # before any step: a too-long set fails now, not at eval
     loss = build_loss(cfg.loss, bundle)
     objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed,
                                 loss_name=cfg.loss.name, text_roles=tuple(cfg.data.get("texts") or ()))

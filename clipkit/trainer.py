@@ -181,11 +181,17 @@ class Trainer:
         # One all-reduce carries the loss and the preemption flag: every rank learns of a signal
         # that reached any of them at this same step. The rank share is scaled by world size, so
         # the mean over ranks is the global loss.
+        # Metrics named `loss_*` (a multi-term loss's terms) are rank shares like the loss: the same
+        # all-reduce averages them; the others (temperature, bias) are equal on every rank.
         flag = self.preemption.flag if self.preemption is not None else 0.0
-        summed = distributed.all_reduce(torch.stack([loss.detach().float().reshape(()), loss.new_tensor(flag).float()]))
+        shares = [name for name in metrics if name.startswith("loss_")]
+        summed = distributed.all_reduce(torch.stack([loss.detach().float().reshape(()), loss.new_tensor(flag).float(),
+                                                     *(metrics[name].detach().float().reshape(()) for name in shares)]))
         global_loss = float(summed[0]) / distributed.world_size()
         self.stop_requested = float(summed[1]) > 0
         record = {"train/loss": global_loss, **{f"train/{k}": float(v) for k, v in metrics.items()}}
+        record.update({f"train/{name}": float(value) / distributed.world_size()
+                       for name, value in zip(shares, summed[2:])})
         if not torch.isfinite(torch.tensor(global_loss)):
             # Nothing was backpropagated: the step is dropped before it touches any gradient.
             return self._nonfinite(step, f"loss is {global_loss}", record)

@@ -28,11 +28,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    """A CLIPKIT_ROOT whose data/digits holds the real digits shards (train 8, test 2)."""
-    from clipkit.data import write_digits_shards
+    """A CLIPKIT_ROOT whose data/digits holds the real digits shards (train 8, test 2), and
+    data/digits_captions the two-level caption demo (`clipkit-shards digits-captions`)."""
+    from clipkit.data import write_digits_caption_shards, write_digits_shards
 
     root = tmp_path_factory.mktemp("clipkit_root")
     write_digits_shards(root / "data" / "digits")
+    write_digits_caption_shards(root / "data" / "digits_captions")
     return root
 
 
