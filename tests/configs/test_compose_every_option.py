@@ -32,6 +32,8 @@ def composed(digits_root: Path, *overrides: str, config_name: str = "train"):
 
 # Losses that need more than pooled features, and a model that gives it.
 MODEL_FOR_LOSS = {"coca": "tiny_coca", "distill": "tiny_distill"}
+# Losses over text roles, and data that has the roles their default terms name.
+DATA_FOR_LOSS = {"multi_text": "digits_captions", "multi_text_sigmoid": "digits_captions"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -39,6 +41,8 @@ def test_option_composes_and_builds(group, option, digits_root, demo_export, tmp
     extra = ["data.train_urls='${paths.data_dir}/digits/train/{00000..00007}.tar'"] if option == "webdataset" else []
     if group == "loss" and option in MODEL_FOR_LOSS:
         extra.append(f"model={MODEL_FOR_LOSS[option]}")
+    if group == "loss" and option in DATA_FOR_LOSS:
+        extra.append(f"data={DATA_FOR_LOSS[option]}")
     cfg = composed(digits_root, f"{group}={option}", *extra)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # no ??? or broken ${...} left
     if group in ("model", "loss", "experiment"):
@@ -46,7 +50,8 @@ def test_option_composes_and_builds(group, option, digits_root, demo_export, tmp
         loss = build_loss(cfg.loss, bundle)
         assert bundle.tokenizer(["a photo"]).shape[0] == 1
         assert any(p.shape == (1,) for p in loss.parameters())
-        objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed)
+        objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed,
+                                    text_roles=tuple(cfg.data.texts or ()))
         assert not objective.missing_outputs(tuple(loss.needs))
     if group in ("optim", "sched", "trainer", "debug", "experiment"):
         ds = render_deepspeed_config(global_batch_size=cfg.data.global_batch_size, world_size=1,
