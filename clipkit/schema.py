@@ -57,7 +57,7 @@ class LockTextConfig:
 @dataclass
 class PosStretchConfig:
     """`model.pos_stretch`: how pretrained text positions reach a longer `model.context_length`
-    (docs/texts_context.md). null takes these defaults: Long-CLIP's 77 -> 248."""
+    (docs/texts.md, "Long text context"). null takes these defaults: Long-CLIP's 77 -> 248."""
 
     mode: str = "longclip"            # longclip (Long-CLIP's knowledge-preserving stretch) | uniform (open_clip's)
     keep: int = 20                    # longclip: the first `keep` positions are copied as they are

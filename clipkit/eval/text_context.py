@@ -3,7 +3,7 @@
 Long-caption retrieval (Long-CLIP's Urban-1k, DCI, DOCCI; the digits demo's long captions)
 tokenizes a set's captions at more tokens than CLIP's 77, so the text tower must have at least
 that many positions: `model.context_length` (with `model.pos_stretch` when a 77-position
-checkpoint is loaded, docs/texts_context.md). A set asking for more positions than the model has is refused with one
+checkpoint is loaded, docs/texts.md, "Long text context"). A set asking for more positions than the model has is refused with one
 line before anything is embedded, instead of failing inside the tower.
 """
 

@@ -1,5 +1,5 @@
 """A text tower with a longer context than its pretrained weights: `model.context_length` and
-`model.pos_stretch` (docs/texts_context.md).
+`model.pos_stretch` (docs/texts.md, "Long text context").
 
 Long-CLIP (Zhang et al. 2024, beichenzbc/Long-CLIP `model/longclip.py::load_from_clip`) stretches
 CLIP's 77 learned text positions to 248 while keeping what the first ones learned: positions
