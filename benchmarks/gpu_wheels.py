@@ -52,7 +52,7 @@ IMAGE_PACKAGES = {
     "six": "1.17.0", "tzdata": "2025.2",
 }
 
-# The versions this CPU machine's .venv runs and tests (tests/unit/test_gpu_checks.py holds them equal).
+# The versions this CPU machine's .venv ran the tests with when the folder was built (`rehearse` warns on drift).
 MAIN_PINS = {
     "open-clip-torch": "3.3.0", "ftfy": "6.3.1", "wcwidth": "0.9.5",            # the model library
     "deepspeed": "0.19.8", "hjson": "3.1.0", "msgpack": "1.2.4", "ninja": "1.13.2", "psutil": "7.2.2",
@@ -230,11 +230,29 @@ def resolve(requirements: list[str], folder: Path, stubs: Path, report: Path) ->
     return picked
 
 
+def pin_drift() -> list[str]:
+    """MAIN_PINS that differ from what this Python runs the test suite with (a fresh environment
+    may resolve newer releases): the GPU would then run other versions than the CPU tests."""
+    from importlib import metadata
+
+    drift = []
+    for name, version in MAIN_PINS.items():
+        try:
+            here = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if here != version:
+            drift.append(f"{name} {version} (pinned) vs {here} (here)")
+    return drift
+
+
 def rehearse(folder: Path) -> None:
     """The folder is complete for the GPU image: pip's resolver and the install command, for 3.12."""
     if not folder.is_dir():
         raise SystemExit(f"{folder} does not exist: run `make gpu-wheels` first")
     check_folder(folder)
+    for line in pin_drift():
+        print(f"warning: {line}; update MAIN_PINS in {Path(__file__).name} and rebuild", flush=True)
     Requirement = _packaging()
     with tempfile.TemporaryDirectory(prefix="gpu-rehearsal-") as tmp:
         stubs = Path(tmp, "image")

@@ -79,10 +79,12 @@ def test_rehearsal_requirements_are_pyprojects_less_the_left_out():
             assert d.specifier.contains(gw.MAIN_PINS[name]), (d, gw.MAIN_PINS[name])
 
 
-def test_pins_are_the_versions_tested_here():
-    """The GPU runs the versions this machine's environment runs the test suite with."""
-    for name, version in gw.MAIN_PINS.items():
-        assert md.version(name) == version, name
+def test_pin_drift_names_each_package_whose_version_differs_here(monkeypatch):
+    """The rehearsal warns when the pins and this environment differ (a fresh environment may
+    resolve newer releases, so this is a warning, not a test of today's versions)."""
+    monkeypatch.setitem(gw.MAIN_PINS, "pytest", "0.0.1")
+    drift = gw.pin_drift()
+    assert f"pytest 0.0.1 (pinned) vs {md.version('pytest')} (here)" in drift
 
 
 def test_wheels_folder_is_ignored_by_git():
