@@ -157,35 +157,39 @@ def test_texts_and_samples_across_a_resize(caption_root, two_ranks):
 
 # -- bad text data ---------------------------------------------------------------------------
 
-# reason (as in metrics.jsonl) -> how many samples of the bad shard have it, and how to break one.
-# The roles are read in order alt, full, long, neg: a bad long caption is reported by `full`,
-# the first role that reads it.
-BREAKS = {
-    "missing_text_full": (1, lambda s: s["json"].pop("long_caption")),
-    "empty_text_full": (2, lambda s: s["json"].update(long_caption="  ")),
-    "text_full_not_a_string": (3, lambda s: s["json"].update(long_caption=7)),
-    "json_not_utf-8": (1, lambda s: s.update(json=b'{"long_caption": "a \xff seven"}')),
-    "json_invalid": (2, lambda s: s.update(json=b'{"long_caption": ')),
-    "missing_text_alt": (3, lambda s: s.pop("txt")),
-    "text_alt_not_utf-8": (1, lambda s: s.update(txt=b"a handwritten \xfe seven")),
-    "empty_text_alt": (2, lambda s: s.update(txt=b"")),
-}
-NO_NEGATIVES = 4   # samples whose .json has no `negatives`: an optional role, not a skip
+# (reason as in metrics.jsonl, how to break a sample). The roles are read in order alt, full,
+# long, neg: a bad long caption is reported by `full`, the first role that reads it.
+BREAKS = [
+    ("missing_text_full", lambda s: s["json"].pop("long_caption")),
+    ("missing_text_full", lambda s: s.pop("json")),   # no .json member at all
+    ("empty_text_full", lambda s: s["json"].update(long_caption="  ")),
+    ("empty_text_full", lambda s: s["json"].update(long_caption=[])),
+    ("text_full_not_a_string", lambda s: s["json"].update(long_caption=7)),
+    ("text_full_not_a_string", lambda s: s["json"].update(long_caption=["A seven.", None])),
+    ("json_not_utf-8", lambda s: s.update(json=b'{"long_caption": "a \xff seven"}')),
+    ("json_invalid", lambda s: s.update(json=b'{"long_caption": ')),
+    ("json_invalid", lambda s: s.update(json=b'["a list, not an object"]')),
+    ("missing_text_alt", lambda s: s.pop("txt")),
+    ("text_alt_not_utf-8", lambda s: s.update(txt=b"a handwritten \xfe seven")),
+    ("empty_text_alt", lambda s: s.update(txt=b" \n")),
+]
+# Optional hard negatives that are absent or unusable: the sample trains, with no `neg` texts.
+NO_NEGATIVES = [lambda s: s["json"].pop("negatives"), lambda s: s["json"].update(negatives=[5]),
+                lambda s: s["json"].update(negatives=["", " "])]
 
 
 def bad_shard(sources: list[Path], out: Path, usable: int) -> list[str]:
     """Writes `out` from the `sources` shards' samples (keys prefixed `bad`): first the broken ones
-    of BREAKS, then `usable` intact ones, of which the first NO_NEGATIVES lack their hard negatives.
-    Returns the keys of those NO_NEGATIVES."""
+    of BREAKS, then `usable` usable ones, of which the first len(NO_NEGATIVES) lose their hard
+    negatives. Returns the keys of those."""
     samples: dict[str, dict] = defaultdict(dict)
     for source in sources:
         with tarfile.open(source) as tar:
             for member in tar.getmembers():
                 stem, ext = member.name.split(".", 1)
                 samples[f"bad{stem}"][ext] = tar.extractfile(member).read()
-    plan = [fn for n, fn in BREAKS.values() for _ in range(n)] + \
-        [lambda s: s["json"].pop("negatives")] * NO_NEGATIVES + [lambda s: None] * (usable - NO_NEGATIVES)
-    assert len(samples) >= len(plan) and usable >= NO_NEGATIVES
+    plan = [fn for _, fn in BREAKS] + NO_NEGATIVES + [lambda s: None] * (usable - len(NO_NEGATIVES))
+    assert len(samples) >= len(plan) and usable >= len(NO_NEGATIVES)
     with tarfile.open(out, "w") as tar:
         for (stem, sample), change in zip(samples.items(), plan):   # broken first: read before the usable ones
             sample["json"] = json.loads(sample["json"])
@@ -196,7 +200,7 @@ def bad_shard(sources: list[Path], out: Path, usable: int) -> list[str]:
                 info = tarfile.TarInfo(f"{stem}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    return list(samples)[len(plan) - usable:len(plan) - usable + NO_NEGATIVES]
+    return list(samples)[len(BREAKS):len(BREAKS) + len(NO_NEGATIVES)]
 
 
 def test_bad_text_data_is_skipped_and_counted_by_reason(caption_root):
@@ -206,7 +210,7 @@ def test_bad_text_data_is_skipped_and_counted_by_reason(caption_root):
     folder = caption_root / "data" / "bad_captions"
     shutil.copytree(caption_root / "data" / "digits_captions" / "train", folder)
     good = json.loads((folder / "stats.json").read_text())["count"]
-    usable = (-good) % GLOBAL_BATCH + (GLOBAL_BATCH if (-good) % GLOBAL_BATCH < NO_NEGATIVES + 1 else 0)
+    usable = (-good) % GLOBAL_BATCH + (GLOBAL_BATCH if (-good) % GLOBAL_BATCH <= len(NO_NEGATIVES) else 0)
     no_negatives = bad_shard([folder / "00000.tar", folder / "00001.tar"], folder / "00006.tar", usable)
     steps = (good + usable) // GLOBAL_BATCH
     run_dir = caption_root / "outputs" / "bad_texts"
@@ -216,7 +220,7 @@ def test_bad_text_data_is_skipped_and_counted_by_reason(caption_root):
     last = records(run_dir)[-1]
     assert last["step"] == steps and math.isfinite(last["train/loss"])
     skipped = {k.removeprefix("data/skipped/"): v for k, v in last.items() if k.startswith("data/skipped/")}
-    assert {k: v for k, v in skipped.items() if v} == {reason: n for reason, (n, _) in BREAKS.items()}, skipped
+    assert {k: v for k, v in skipped.items() if v} == dict(Counter(reason for reason, _ in BREAKS)), skipped
     assert not any("neg" in reason for reason in skipped)   # the optional role has no skip reasons
     counts = epoch_keys(run_dir)
     assert set(counts) == {0} and len(counts[0]) == good + usable and set(counts[0].values()) == {1}
