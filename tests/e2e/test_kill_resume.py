@@ -4,6 +4,10 @@ uninterrupted run's (`train/loss` in metrics.jsonl, logged every step; JSON keep
 
 One process with a data worker (3 kill steps drawn from 3 seeds), and 2 torchrun ranks at ZeRO 2
 with 2 data workers each; one uninterrupted reference run per configuration serves every kill.
+With several texts per image (`1proc_texts`: the captions_digits_negatives recipe, terms over the
+roles alt, full with the hard negatives neg, and long's 4 sub-captions per image), the key log
+(`data.record_keys=true`) of the killed and resumed run also equals the uninterrupted run's: the
+same samples at every step, and for each the same chosen texts of every role.
 The kill is `kill -9` of every process of the job (launcher, ranks, data workers: `kill_job`) as
 soon as metrics.jsonl shows step k: nothing gets to save or flush on the way down.
 """
@@ -28,7 +32,10 @@ RUN = ["debug=fast", "eval=none", "trainer.export_open_clip=false", f"trainer.ma
 CONFIGS = {
     "1proc": lambda args: [sys.executable, "-m", "clipkit.train", *args, "data.workers=1"],
     "2proc_zero2": lambda args: torchrun(2, ["-m", "clipkit.train", *args, "trainer=zero2", "data.workers=2"]),
+    "1proc_texts": lambda args: [sys.executable, "-m", "clipkit.train", "experiment=captions_digits_negatives", *args,
+                                 "data.workers=1", "data.record_keys=true"],
 }
+ROLES = {"alt": 1, "full": 1, "long": 4, "neg": 2}   # data=digits_captions: role -> texts per image
 
 
 def metric_lines(run_dir: Path) -> list[str]:
@@ -87,7 +94,27 @@ def reference(digits_root):
     return get
 
 
-@pytest.mark.parametrize("config, seed", [("1proc", 0), ("1proc", 1), ("1proc", 2), ("2proc_zero2", 0)])
+def key_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "data_keys" / "rank00000.jsonl").read_text().splitlines()]
+
+
+def check_chosen_texts(records: list[dict]) -> None:
+    """Every step's record names, per role, each sample's chosen texts (pool or sentence indices)."""
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    long_counts = set()
+    for record in records:
+        assert record["texts"].keys() == ROLES.keys()
+        for role, k in ROLES.items():
+            chosen = record["texts"][role]
+            assert len(chosen) == len(record["keys"]) == 16
+            assert all(len(per_key) <= k and all(per_key) for per_key in chosen), (role, chosen)
+        long_counts |= {len(per_key) for per_key in record["texts"]["long"]}
+        assert all(len(per_key) == 1 for per_key in record["texts"]["alt"])
+    assert 4 in long_counts   # the 6-sentence long captions give 4 sub-captions
+
+
+@pytest.mark.parametrize("config, seed", [("1proc", 0), ("1proc", 1), ("1proc", 2), ("2proc_zero2", 0),
+                                          ("1proc_texts", 0)])
 def test_a_killed_run_resumes_bit_for_bit(digits_root, reference, config, seed):
     expected = reference(config)
     kill_step = random.Random(f"{config}/{seed}").randint(4, STEPS - 1)   # after the first checkpoint
@@ -105,6 +132,11 @@ def test_a_killed_run_resumes_bit_for_bit(digits_root, reference, config, seed):
     assert [s for s, _ in resumed] == list(range(resumed_at + 1, STEPS + 1))
     assert killed == [(s, expected[s]) for s, _ in killed]
     assert resumed == [(s, expected[s]) for s, _ in resumed]   # == on floats: bit for bit
+    if config == "1proc_texts":
+        # The resume dropped the key-log lines the killed run wrote past its checkpoint, then appended.
+        records = key_records(run_dir)
+        check_chosen_texts(records)
+        assert records == key_records(digits_root / "outputs" / f"straight_{config}")
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
