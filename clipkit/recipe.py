@@ -160,9 +160,15 @@ def build_objective(model_cfg: DictConfig, bundle: ModelBundle, loss: torch.nn.M
     return objective
 
 
-def build_loss(loss_cfg: DictConfig, bundle: ModelBundle) -> torch.nn.Module:
-    """Instantiates `loss._target_`; a pretrained checkpoint's temperature/bias take over the inits."""
+def build_loss(loss_cfg: DictConfig, bundle: ModelBundle, *, positive_roles: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Instantiates `loss._target_`; a pretrained checkpoint's temperature/bias take over the inits.
+
+    `positive_roles`: the `data.texts` roles that are not hard negatives. A role loss whose
+    `loss.terms` is null (`loss=multi_text` as shipped) gets one term per such role, weight 1.
+    """
     kwargs = {k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items() if k != "name"}
+    if "terms" in kwargs and kwargs["terms"] is None and positive_roles:
+        kwargs["terms"] = {role: {"texts": role, "weight": 1.0} for role in positive_roles}
     if bundle.pretrained_logit_scale is not None and "init_logit_scale" in kwargs:
         kwargs["init_logit_scale"] = float(np.exp(bundle.pretrained_logit_scale))
     if bundle.pretrained_logit_bias is not None and "init_logit_bias" in kwargs:
@@ -306,7 +312,8 @@ def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Ru
     bundle = build_towers(cfg.model)
     check_captioning(inputs.eval_specs, bundle.model, zero_stage=cfg.trainer.zero_stage, world_size=dist.world_size)
     check_text_context(inputs.eval_specs, bundle.model)   # before any step: a too-long set fails now, not at eval
-    loss = build_loss(cfg.loss, bundle)
+    roles = roles_from_config(cfg.data.get("texts")) or ()
+    loss = build_loss(cfg.loss, bundle, positive_roles=tuple(role.name for role in roles if not role.negative))
     objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed,
                                 loss_name=cfg.loss.name, text_roles=tuple(cfg.data.get("texts") or ()))
     if cfg.trainer.compile:

@@ -53,6 +53,9 @@ def parse_terms(terms) -> dict[str, dict]:
     a weight that is not a number, a scope other than all|own, or a role used both as positives
     (some term's `texts`) and as hard negatives (some term's `negatives`).
     """
+    if terms is None:
+        raise ClipkitConfigError("loss.terms is null and no data.texts role fills it: define data.texts roles, or "
+                                 "name the terms, e.g. 'loss.terms={alt: {texts: alt}, long: {texts: long}}'")
     if not isinstance(terms, Mapping) or not terms:
         raise ClipkitConfigError(f"loss.terms must map term names to {{texts: <role>, weight: <float>}}, "
                                  f"got {terms!r}")
@@ -110,7 +113,7 @@ class MultiTextLoss(nn.Module):
     `loss_<term>` per term.
     """
 
-    def __init__(self, terms: dict, form: str = "softmax", init_logit_scale: float = 1 / 0.07,
+    def __init__(self, terms: dict | None, form: str = "softmax", init_logit_scale: float = 1 / 0.07,
                  init_logit_bias: float | None = None, max_logit_scale: float = 100.0,
                  learn_logit_scale: bool = True, impl: str = "auto", chunk_size: int | str = "auto"):
         super().__init__()

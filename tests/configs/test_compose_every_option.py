@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from clipkit.config import CONF_DIR
-from clipkit.data import build_sources
+from clipkit.data import build_sources, roles_from_config
 from clipkit.engine import build_optimizer, build_schedule, render_deepspeed_config
 from clipkit.eval.suite import build_eval_specs, build_search_config
 from clipkit.loggers import build_loggers
@@ -47,7 +47,8 @@ def test_option_composes_and_builds(group, option, digits_root, demo_export, tmp
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # no ??? or broken ${...} left
     if group in ("model", "loss", "experiment"):
         bundle = build_towers(cfg.model)
-        loss = build_loss(cfg.loss, bundle)
+        roles = roles_from_config(cfg.data.texts) or ()
+        loss = build_loss(cfg.loss, bundle, positive_roles=tuple(r.name for r in roles if not r.negative))
         assert bundle.tokenizer(["a photo"]).shape[0] == 1
         assert any(p.shape == (1,) for p in loss.parameters())
         objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed,

@@ -234,12 +234,6 @@ def test_bad_text_data_is_skipped_and_counted_by_reason(caption_root):
 
 # -- the documented command-line form of loss.terms ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "conf/loss/multi_text*.yaml give a default `terms: {long: ...}`, so the documented override "
-    "'loss.terms={alt: ...}' is refused by Hydra's struct mode (Key 'alt' is not in struct), and "
-    "'+loss.terms=...' merges with the default `long` term instead of replacing it. Fix: default "
-    "`terms: null` in both files (MultiTextLoss already refuses an empty/None mapping with a one-line "
-    "error), so a command-line mapping replaces it; the recipes set their own terms."))
 @pytest.mark.parametrize("loss, terms", [
     ("multi_text", {"alt": {"texts": "alt"}, "long": {"texts": "long", "weight": 1.0}}),   # multi_text.py's DreamLIP
     ("multi_text", {"alt": {"texts": "alt", "negatives": "neg", "negative_scope": "own"}}),   # its NegCLIP example
@@ -259,3 +253,19 @@ def test_the_documented_terms_override_replaces_the_default(loss, terms):
         except ConfigCompositionException as err:
             pytest.fail(f"{override}: {err}")
     assert OmegaConf.to_container(cfg.loss.terms) == terms
+
+
+def test_null_terms_become_one_term_per_positive_role():
+    """loss=multi_text as shipped (terms: null) on data with roles: one weight-1 term per role that
+    is not a hard negative (data=digits_captions: alt, full, long; not neg)."""
+    from hydra import compose, initialize_config_dir
+
+    from clipkit.config import CONF_DIR
+    from clipkit.recipe import build_loss, build_towers
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["data=digits_captions", "loss=multi_text", "model.context_length=64"])
+    assert cfg.loss.terms is None
+    loss = build_loss(cfg.loss, build_towers(cfg.model), positive_roles=("alt", "full", "long"))
+    assert {name: (t["texts"], t["weight"], t["negatives"]) for name, t in loss.terms.items()} == {
+        "alt": ("alt", 1.0, None), "full": ("full", 1.0, None), "long": ("long", 1.0, None)}
