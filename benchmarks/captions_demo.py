@@ -56,9 +56,13 @@ def final_eval(path: Path) -> dict[str, float] | None:
     return evals[-1] if evals else None
 
 
-def train(root: Path, recipe: str, seed: int, extra: list[str]) -> float:
+def train(root: Path, recipe: str, seed: int, extra: list[str], threads: int | None) -> float:
     """Runs one recipe; returns its wall seconds."""
     env = {**os.environ, "CLIPKIT_ROOT": str(root), "HF_HUB_OFFLINE": "1"}
+    if threads:
+        # On a shared machine torch's threads spin against the other jobs' (system time rises
+        # several-fold); one thread per run keeps each step's cost near its share of a core.
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     subprocess.run([str(BIN / "clipkit-train"), f"experiment={recipe}", f"seed={seed}", "trainer.progress_bar=false",
                     "trainer.resume=auto", *extra], cwd=root, env=env, check=True,
@@ -85,6 +89,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each run (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "captions_demo_cpu.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. trainer.max_steps=200)")
     args = parser.parse_args()
@@ -98,7 +103,7 @@ def main() -> None:
         for recipe in args.recipes:
             if args.table_only or final_eval(run_dir(root, recipe, seed)) is not None:
                 continue
-            wall = train(root, recipe, seed, args.overrides)
+            wall = train(root, recipe, seed, args.overrides, args.threads)
             seconds.setdefault(recipe, []).append(round(wall, 1))
             print(f"{recipe} seed {seed}: {wall:.0f} s", flush=True)
     results = {}
@@ -111,7 +116,8 @@ def main() -> None:
     print(table(results, args.seeds))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": f"{cpu_name()}, {os.cpu_count()} cores", "date": str(date.today()),
-                                    "seeds": args.seeds, "overrides": args.overrides, "results": results,
+                                    "seeds": args.seeds, "overrides": args.overrides, "threads": args.threads,
+                                    "results": results,
                                     "wall_seconds": seconds}, indent=2) + "\n")
 
 
