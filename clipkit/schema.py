@@ -203,10 +203,12 @@ class EvalSearchConfig:
     ef_search: int = 64
     sample_for_recall: int = 1000
     seed: int = 0
+    ranks: str = "auto"               # auto | certified | float32: how exact ranks are counted
 
 
 @dataclass
 class EvalConfig:
+    enabled: bool = True              # false (eval=none): no evals, whatever sets an experiment adds
     every_n_steps: int = 0            # 0: only at the end of training
     batch_size: int = 256
     sets: Dict[str, Any] = field(default_factory=dict)   # {name: EvalSetConfig}
@@ -214,6 +216,7 @@ class EvalConfig:
     tie_tolerance: float = 1.0e-6
     scoring: str = "auto"             # auto | pooled | late_interaction
     cache_dir: Optional[str] = None   # clipkit-eval only
+    budget_share: float = 0.25        # training evals: warn once when they take more than this share of the run
 
 
 @dataclass
