@@ -97,7 +97,7 @@ class _Block:
     """One gallery block: int8 values [D, n] (transposed for the GEMM), one scale, the float64
     rows for rescoring, and the block-wide norms the bound needs."""
 
-    def __init__(self, rows: torch.Tensor, exact_buffer: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, exact_buffer: torch.Tensor | None):
         lo, hi = torch.aminmax(rows)
         amax = max(-float(lo), float(hi))
         if not math.isfinite(amax):
@@ -118,8 +118,8 @@ class _Block:
         self.norm_max = float(torch.linalg.vector_norm(rows, dim=1).max()) * grow
         self.values_t = values.to(torch.int8).T.contiguous()
         # [n, D] float64 for rescoring, in a buffer reused across blocks: a fresh 64 MiB tensor
-        # per block costs more in page faults than the copy.
-        self.exact = exact_buffer[:rows.numel()].view(rows.shape).copy_(rows)
+        # per block costs more in page faults than the copy. None: the caller rescores otherwise.
+        self.exact = None if exact_buffer is None else exact_buffer[:rows.numel()].view(rows.shape).copy_(rows)
 
 
 class _TileBound:
