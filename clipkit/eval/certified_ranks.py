@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from clipkit.eval.certified import (
+    INT8_MAX,
     MAX_DIM,
     SLACK,
     _as_tensor,
@@ -46,6 +47,48 @@ from clipkit.eval.certified import (
 
 INT32_MIN = -2 ** 31
 LOWEST = INT32_MIN + 1  # bounds are clipped above the mask value, so a masked pair is never kept
+FINE = 128              # the second int8 level's scale is the first's / FINE: the levels add as integers
+# 128 A1 + A2 + A3 stays in int32: (FINE + 2) 127^2 D < 2^31.
+REFINE_MAX_DIM = (2 ** 31 - 1) // ((FINE + 2) * INT8_MAX ** 2)
+
+
+class _FineQueries:
+    """The queries' second int8 level: r_q = q - s_q q' = (s_q / FINE) q'' + r_q2.
+
+    With the gallery's likewise (`_FineBlock`),
+        q.g = (s_q s_g / FINE) (FINE A1 + q'.g'' + q''.g') + q^.r_g2 + r_q2.g^ + r_q.r_g,
+    so the three int8 GEMMs add up as integers and the bound falls to
+        ||q^|| R_g2 + ||r_q2|| G^ + ||r_q|| R_g,
+    about FINE times smaller than the first level's ||q|| R_g + ||r_q|| G^.
+    """
+
+    def __init__(self, q: _Queries):
+        hat = q.values.double() * q.scale[:, None]            # exact: float32 scale x small integer
+        resid = q.exact - hat                                  # exact in float64 (Sterbenz-like: spans <= 53 bits)
+        scale = (q.scale / FINE)[:, None]                      # a power of two apart: exact
+        values = torch.round(resid / scale).clamp_(-INT8_MAX, INT8_MAX)
+        self.values = values.to(torch.int8)
+        grow = 1 + 2.0 ** -30                                  # float64 norms of D <= 2^20 terms
+        self.hat_norm = hat.norm(dim=1).numpy() * grow
+        self.resid = (resid - values * scale).norm(dim=1).numpy() * grow
+
+
+class _FineBlock:
+    """A gallery block's second int8 level (`_FineQueries`): g'' [D, n] and R_g2 >= max ||r_g2||.
+
+    In float32, like the first level: r1 = fl(g - s_g g') (the block's kept residual) and
+    r2 = fl(r1 - s_g2 g'') are each off by at most 2^-24 (|product| + |result|) per entry, so
+    ||r_g2|| <= ||r2|| (1 + D 2^-23) + 2^-22 (G^ + 3 R_g): a bound that cannot shrink.
+    """
+
+    def __init__(self, block: _Block):
+        scale = block.scale / FINE                               # a power of two apart: exact
+        values = torch.mul(block.residual, 1.0 / scale).round_().clamp_(-INT8_MAX, INT8_MAX)
+        self.values_t = values.to(torch.int8).T.contiguous()
+        r2 = torch.add(block.residual, values, alpha=-scale)
+        dim = values.shape[1]
+        self.resid_max = (float(torch.linalg.vector_norm(r2, dim=1).max()) * (1 + dim * 2.0 ** -23)
+                          + 2.0 ** -22 * (block.dequant_max + 3 * block.resid_max))
 
 
 def certified_ranks_available(dim: int) -> bool:
@@ -104,20 +147,27 @@ def certified_ranks(
     n_all = len(queries)
     pair_query, pair_gallery = _unique_pairs(pair_query, pair_gallery)
     ranks = np.zeros(n_all, np.int64)
-    counts = {"rescored_pairs": 0, "sparse_tiles": 0, "dense_tiles": 0, "surely_counted": 0}
+    counts = {"rescored_pairs": 0, "sparse_tiles": 0, "dense_tiles": 0, "refined_tiles": 0, "surely_counted": 0}
     if len(pair_query) == 0 or n == 0:
         if stats is not None:
             stats.update(counts)
         return ranks
     # Only queries with a correct item are scanned: local ids 0..Q'-1.
     active, local_query = np.unique(pair_query, return_inverse=True)
+    pair_scores = np.einsum("pd,pd->p", np.asarray(queries[active[local_query]], np.float64),
+                            np.asarray(gallery[pair_gallery], np.float64))
+    best = np.full(len(active), -np.inf)
+    np.maximum.at(best, local_query, pair_scores)
+    # Queries by threshold, highest first: those whose threshold sits in the bulk of the scores
+    # (a correct item ranked far down) share tiles, and the others' tiles stay sparse.
+    order = np.argsort(-best, kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    active, best, local_query = active[order], best[order], position[local_query]
     q32 = _as_tensor(np.asarray(queries)[active])
     q = _Queries(q32)
+    fine = _FineQueries(q) if dim <= REFINE_MAX_DIM else None
     n_q = len(active)
-    pair_scores = np.einsum("pd,pd->p", q.exact.numpy()[local_query],
-                            np.asarray(gallery[pair_gallery], np.float64))
-    best = np.full(n_q, -np.inf)
-    np.maximum.at(best, local_query, pair_scores)
     t32 = (best - tie_atol).astype(np.float32)
     threshold = t32.astype(np.float64)                                   # T
     below = np.nextafter(t32, np.float32(-np.inf)).astype(np.float64)    # P, the float32 below T
@@ -128,10 +178,13 @@ def certified_ranks(
     block_bounds = np.searchsorted(pg // gallery_block, np.arange(0, (n - 1) // gallery_block + 2))
     tile_rows, tile_cols = min(query_block, n_q), min(gallery_block, n)
     approx_buffer = torch.empty(tile_rows * tile_cols, dtype=torch.int32)
+    extra_buffer = torch.empty(tile_rows * tile_cols, dtype=torch.int32) if fine is not None else None
     mask_buffer = torch.empty(tile_rows * tile_cols, dtype=torch.bool)
+    extra_mask = torch.empty(tile_rows * tile_cols, dtype=torch.bool)
     for b, start in enumerate(range(0, n, gallery_block)):
         rows32 = _as_tensor(gallery[start:start + gallery_block])
-        block = _Block(rows32, None)
+        block = _Block(rows32, None, keep_residual=fine is not None)
+        fine_block = None   # the block's second int8 level, built when a tile first needs it
         bq_all, bg_all = pq[block_bounds[b]:block_bounds[b + 1]], pg[block_bounds[b]:block_bounds[b + 1]] - start
         for qs in range(0, n_q, query_block):
             rows = slice(qs, min(qs + query_block, n_q))
@@ -142,25 +195,49 @@ def certified_ranks(
             approx = torch._int_mm(q.values[rows], block.values_t,
                                    out=approx_buffer[:size].view(tile.n_q, len(rows32)))  # exact int32
             approx[own] = INT32_MIN  # correct items are never "ahead" of their query
-            err = q.norm[rows] * block.resid_max + q.resid[rows] * block.dequant_max
-            unit = q.scale_np[rows] * block.scale
             slack = SLACK * (q.norm[rows] * (block.norm_max + block.dequant_max + block.resid_max)
                              + np.abs(threshold[rows]))
-            hi, lo = _int_bounds(threshold[rows], below[rows], err, unit, slack)
+            err = q.norm[rows] * block.resid_max + q.resid[rows] * block.dequant_max
+            hi, lo = _int_bounds(threshold[rows], below[rows], err, q.scale_np[rows] * block.scale, slack)
             # One pass keeps every pair that may count (A >= lo); the surely counted among them
-            # (A >= hi) are few where the model ranks well, and a crowded tile goes dense.
+            # (A >= hi) are few where the model ranks well.
             maybe = torch.ge(approx, lo[:, None], out=mask_buffer[:size].view(approx.shape))
-            if _row_counts(maybe).sum() > dense_fraction * size:
+            if _row_counts(maybe).sum() <= dense_fraction * size:
+                counts["sparse_tiles"] += 1
+                flat = np.flatnonzero(maybe.numpy())
+                r, c = flat // approx.shape[1], flat % approx.shape[1]
+                sure = approx.view(-1)[torch.from_numpy(flat)].numpy() >= hi.numpy()[r]
+                counts["surely_counted"] += int(sure.sum())
+                ahead[rows] += np.bincount(r[sure], minlength=tile.n_q)
+                ahead[rows] += tile.rescored_count(r[~sure], c[~sure], counts)
+                continue
+            if fine is not None:
+                # Crowded: two more int8 GEMMs on the residuals narrow the bound ~100x (`_FineQueries`).
+                fine_block = fine_block or _FineBlock(block)
+                approx[own] = 0
+                approx.mul_(FINE)
+                approx.add_(torch._int_mm(q.values[rows], fine_block.values_t, out=extra_buffer[:size].view(approx.shape)))
+                approx.add_(torch._int_mm(fine.values[rows], block.values_t, out=extra_buffer[:size].view(approx.shape)))
+                approx[own] = INT32_MIN
+                err = (fine.hat_norm[rows] * fine_block.resid_max + fine.resid[rows] * block.dequant_max
+                       + q.resid[rows] * block.resid_max)
+                hi, lo = _int_bounds(threshold[rows], below[rows], err, q.scale_np[rows] * block.scale / FINE, slack)
+                counts["refined_tiles"] += 1
+            # Here many pairs count surely (a threshold in the bulk): count them per row, and list
+            # only the undecided ones.
+            sure = torch.ge(approx, hi[:, None], out=mask_buffer[:size].view(approx.shape))
+            n_sure = _row_counts(sure)
+            maybe = torch.ge(approx, lo[:, None], out=extra_mask[:size].view(approx.shape))
+            if _row_counts(maybe).sum() - n_sure.sum() > dense_fraction * size:
                 ahead[rows] += tile.dense_count(own, counts)
                 counts["dense_tiles"] += 1
                 continue
             counts["sparse_tiles"] += 1
+            counts["surely_counted"] += int(n_sure.sum())
+            ahead[rows] += n_sure
+            torch.logical_xor(maybe, sure, out=maybe)   # lo <= A < hi
             flat = np.flatnonzero(maybe.numpy())
-            r, c = flat // approx.shape[1], flat % approx.shape[1]
-            sure = approx.view(-1)[torch.from_numpy(flat)].numpy() >= hi.numpy()[r]
-            counts["surely_counted"] += int(sure.sum())
-            ahead[rows] += np.bincount(r[sure], minlength=tile.n_q)
-            ahead[rows] += tile.rescored_count(r[~sure], c[~sure], counts)
+            ahead[rows] += tile.rescored_count(flat // approx.shape[1], flat % approx.shape[1], counts)
     ranks[active] = ahead + 1
     if stats is not None:
         stats.update(counts)

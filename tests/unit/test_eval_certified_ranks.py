@@ -33,7 +33,7 @@ def _float64_ranks(q, g, pq, pg, tie_atol=TIE_ATOL) -> np.ndarray:
     return np.where(np.isneginf(best), 0, counted.sum(1) + 1)
 
 
-def _check(q, g, pq, pg, *, tie_atol=TIE_ATOL, float32_too=True) -> None:
+def _check(q, g, pq, pg, *, tie_atol=TIE_ATOL, float32_too=True) -> dict:
     """certified == the float64 rule for every tiling; == the float32 count too where asked.
 
     With tie_atol = 0 the float32 count decides near-equal scores by its own rounding (a GEMM's
@@ -42,11 +42,15 @@ def _check(q, g, pq, pg, *, tie_atol=TIE_ATOL, float32_too=True) -> None:
     want = _float64_ranks(q, g, pq, pg, tie_atol)
     if float32_too and tie_atol > 0:
         np.testing.assert_array_equal(positive_ranks(q, g, pq, pg, tie_atol=tie_atol), want)
+    paths: dict = {}
     for tiling in TILINGS:
         stats: dict = {}
         got = certified_ranks(q, g, pq, pg, tie_atol=tie_atol, stats=stats, **tiling)
         np.testing.assert_array_equal(got, want, err_msg=str(tiling))
         assert got.dtype == np.int64
+        for key, value in stats.items():
+            paths[key] = paths.get(key, 0) + value
+    return paths
 
 
 def _planted(rng, n_query: int, n_gallery: int, dim: int, low: float, high: float):
@@ -61,10 +65,12 @@ def _planted(rng, n_query: int, n_gallery: int, dim: int, low: float, high: floa
 @pytest.mark.parametrize("dim", [32, 100])
 def test_random_and_planted_ranks_equal_the_float32_count(dim: int) -> None:
     rng = np.random.default_rng(dim)
-    for low, high in [(0.0, 0.05), (0.2, 0.9)]:   # ranks in the bulk (dense tiles) and near the top
+    for low, high in [(0.0, 0.05), (0.2, 0.9)]:   # ranks in the bulk (crowded tiles) and near the top
         q, g, owner = _planted(rng, 70, 600, dim, low, high)
-        _check(q, g, np.arange(70), owner)
+        paths = _check(q, g, np.arange(70), owner)
         _check(q, g, np.arange(70), owner, tie_atol=0.0)
+        if low == 0.0:   # every path ran: refined by the second int8 level, then sparse or dense
+            assert paths["refined_tiles"] > 0 and paths["dense_tiles"] > 0 and paths["sparse_tiles"] > 0
 
 
 def test_sparse_path_rescores_few_pairs_on_planted_data() -> None:
