@@ -12,14 +12,20 @@ top-k, whose k-th score rises as it goes). With the int8 GEMM's integer A and th
 - surely counted when s_q s_g A >= T + E_q + slack (then s64 >= T, so float32(s64) >= T),
 - surely not counted when s_q s_g A < P - E_q - slack, P the float32 just below T (then
   float32(s64) <= P < T),
-- and rescored in float64 otherwise, then counted when float32(s64) >= T.
+- and scored exactly otherwise (below), then counted when float32(s64) >= T.
 
 The correct items are masked out of the tile before the comparison (their int32 set to the
-minimum), so only wrong items are counted. A tile where more than `dense_fraction` of the pairs
-fall between the two bounds (the threshold sits in the bulk of the scores, e.g. an untrained
-model) falls back to a float32 GEMM, today's full count, whose own error bound
-gamma_D ||q|| ||g|| (Higham eq. 3.5, any summation order) decides all but a narrow band, which is
-rescored in float64 the same way. Both paths therefore decide every pair by float32(s64) >= T.
+minimum), so only wrong items are counted. The undecided pairs are scored in float32 (a sampled
+GEMM grouped by gallery row), which decides all but those within float32's own error bound
+gamma_D ||q|| ||g|| (Higham eq. 3.5, any summation order) of T; those are scored in float64.
+
+Where the threshold sits in the bulk of the scores (a correct item ranked far down), the int8
+bound (~0.015 for unit vectors at D = 512) leaves a large share of the tile undecided. Queries
+are scanned in order of threshold, so such queries share tiles, and a crowded tile first adds a
+second int8 level on the quantization residuals (`_FineQueries`: two more int8 GEMMs whose
+integers add to the first's), which narrows the bound about 100-fold; only if that still leaves
+more than `dense_fraction` undecided is the tile counted by a float32 GEMM (today's full count),
+its narrow band again in float64. Every path decides every pair by float32(s64) >= T.
 
 `positive_ranks` decides by the float32 GEMM's own score instead, so the two differ only for a
 wrong item whose score lies within float32 summation noise (~1e-7 for unit vectors at D = 512)
@@ -131,9 +137,11 @@ def certified_ranks(
         tie_atol: wrong items scoring >= best correct - tie_atol count as ahead.
         gallery_block, query_block: the int8 GEMM's tile (its int32 output is the main memory
             beyond the inputs: 256 MiB at the defaults).
-        dense_fraction: a tile with more undecided pairs than this share is counted by a
-            float32 GEMM (plus float64 for its narrow undecided band) instead.
-        stats: if given, receives counts of rescored pairs, sparse and dense tiles.
+        dense_fraction: a tile with more undecided pairs than this share is refined by the
+            second int8 level, and if still crowded counted by a float32 GEMM (plus float64 for
+            its narrow undecided band) instead.
+        stats: if given, receives counts of rescored pairs, surely counted pairs, and sparse,
+            refined and dense tiles.
 
     Returns:
         [Q] int64 ranks in [1, N]; 0 for a query with no correct item. Equal to
