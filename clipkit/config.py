@@ -103,21 +103,6 @@ def resolve_step_budget(cfg: Any) -> None:
     cfg.trainer.max_steps = math.ceil(epochs * samples / cfg.data.global_batch_size)
 
 
-def drop_disabled_evals(cfg: Any) -> None:
-    """`eval=none` (`eval.enabled: false`) wins over eval keys an experiment adds, in place.
-
-    An experiment composes after the eval group, so `experiment=coca_digits eval=none` still
-    carries the experiment's `eval.sets.digits.tasks` without the set's source: the sets and the
-    eval cadence are cleared here, before anything reads them."""
-    if cfg.eval.get("enabled", True):
-        return
-    from omegaconf import open_dict
-
-    with open_dict(cfg.eval):
-        cfg.eval.sets = {}
-        cfg.eval.every_n_steps = 0
-
-
 def freeze(cfg: Any, config_name: str = "train") -> Any:
     """Checks the composed config against the schema (`clipkit.schema.validate`) and makes it
     read-only: from here on config flows down and nothing writes into it. Returns `cfg`."""

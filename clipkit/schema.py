@@ -208,7 +208,6 @@ class EvalSearchConfig:
 
 @dataclass
 class EvalConfig:
-    enabled: bool = True              # false (eval=none): no evals, whatever sets an experiment adds
     every_n_steps: int = 0            # 0: only at the end of training
     batch_size: int = 256
     sets: Dict[str, Any] = field(default_factory=dict)   # {name: EvalSetConfig}

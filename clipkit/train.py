@@ -14,18 +14,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from clipkit.config import CONF_DIR, drop_disabled_evals, freeze, preflight, resolve_step_budget
+from clipkit.config import CONF_DIR, freeze, preflight, resolve_step_budget
 from clipkit.errors import ClipkitConfigError
 from clipkit.launch.sweep import is_multirun, name_sweep_run, prepare_multirun
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
-    """The composed config made final: the epoch budget written into `trainer.max_steps`, an
-    experiment's eval sets dropped under `eval=none`, the schema checked, and the whole config
-    read-only from here on. A frozen config passes as it is."""
+    """The composed config made final: the epoch budget written into `trainer.max_steps`, the
+    schema checked, and the whole config read-only from here on. A frozen config passes as it is."""
     if not OmegaConf.is_readonly(cfg):
         resolve_step_budget(cfg)
-        drop_disabled_evals(cfg)
         freeze(cfg, "train")
     return cfg
 

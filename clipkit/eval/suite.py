@@ -108,7 +108,10 @@ class EvalSetSpec:
 def _source_of(name: str, s: EvalSetConfig) -> str:
     given = [k for k in SOURCES if getattr(s, k) is not None]
     if len(given) != 1:
-        raise ClipkitConfigError(f"eval.sets.{name}: give exactly one of {', '.join(SOURCES)}; got {given or 'none'}")
+        hint = (f" (keys for a set that is not there, e.g. an experiment's under eval=none: drop them with "
+                f"~eval.sets.{name}, or put them in an eval option under conf/eval/)") if not given else ""
+        raise ClipkitConfigError(f"eval.sets.{name}: give exactly one of {', '.join(SOURCES)}; got "
+                                 f"{given or 'none'}{hint}")
     return given[0]
 
 
