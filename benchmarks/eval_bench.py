@@ -317,6 +317,7 @@ def zeroshot_bench(args: argparse.Namespace) -> dict:
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
     from clipkit.config import CONF_DIR
+    from clipkit.eval.suite import ZEROSHOT_TEXT_BATCH
     from clipkit.eval.zeroshot import zeroshot_classifier
     from clipkit.models import build_model
     from clipkit.objective import ContrastiveObjective
@@ -325,7 +326,8 @@ def zeroshot_bench(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     templates = [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
     results = []
-    for tower, classes in (("tiny_vit", 1000), ("ViT-B-32", args.zeroshot_classes_vitb32)):
+    towers = (("tiny_vit", 1000), ("ViT-B-32", args.zeroshot_classes_vitb32))
+    for tower, classes in [t for t in towers if t[0] in args.zeroshot_towers.split(",")]:
         torch.manual_seed(0)
         if tower == "tiny_vit":
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -335,7 +337,7 @@ def zeroshot_bench(args: argparse.Namespace) -> dict:
         objective = ContrastiveObjective(bundle.model.eval(), loss=None)
         names = list(IMAGENET_CLASSNAMES[:classes])
 
-        def encode(texts: list[str], batch: int = 256, objective=objective, bundle=bundle) -> torch.Tensor:
+        def encode(texts: list[str], batch: int = ZEROSHOT_TEXT_BATCH, objective=objective, bundle=bundle) -> torch.Tensor:
             with torch.no_grad():
                 return torch.cat([objective.encode_text(bundle.tokenizer(texts[i:i + batch]))
                                   for i in range(0, len(texts), batch)])
@@ -434,6 +436,7 @@ def main() -> None:
     p.add_argument("--sort-queries", type=int, default=500, help="torch_sort: queries measured per direction")
     p.add_argument("--zeroshot", action="store_true", help="the zero-shot head's cost, 1,000 classes x 80 templates")
     p.add_argument("--zeroshot-classes-vitb32", type=int, default=1000)
+    p.add_argument("--zeroshot-towers", default="tiny_vit,ViT-B-32")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=[*METHODS, *(f"e2e_{m}" for m in E2E_METHODS), "e2e_verify"],
                    help=argparse.SUPPRESS)
