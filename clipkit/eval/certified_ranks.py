@@ -127,6 +127,7 @@ def certified_ranks(
     gallery_block: int = 16384,
     query_block: int = 4096,
     dense_fraction: float = 0.05,
+    max_queries: int = 65536,
     stats: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Exact pessimistic rank of each query's best correct item (module docstring), on CPU.
@@ -140,6 +141,8 @@ def certified_ranks(
         dense_fraction: a tile with more undecided pairs than this share is refined by the
             second int8 level, and if still crowded counted by a float32 GEMM (plus float64 for
             its narrow undecided band) instead.
+        max_queries: queries are scanned this many at a time (each pass reads the whole gallery),
+            so memory beyond the inputs stays bounded (~1 GiB at the default and D = 512).
         stats: if given, receives counts of rescored pairs, surely counted pairs, and sparse,
             refined and dense tiles.
 
@@ -162,6 +165,19 @@ def certified_ranks(
         return ranks
     # Only queries with a correct item are scanned: local ids 0..Q'-1.
     active, local_query = np.unique(pair_query, return_inverse=True)
+    if len(active) > max_queries:   # a million caption queries: float64 copies of all would be GBs
+        for lo in range(0, len(active), max_queries):
+            ids = active[lo:lo + max_queries]
+            take = (local_query >= lo) & (local_query < lo + max_queries)
+            part: dict[str, int] = {}
+            ranks[ids] = certified_ranks(queries[ids], gallery, local_query[take] - lo, pair_gallery[take],
+                                         tie_atol=tie_atol, gallery_block=gallery_block, query_block=query_block,
+                                         dense_fraction=dense_fraction, max_queries=max_queries, stats=part)
+            for key, value in part.items():
+                counts[key] += value
+        if stats is not None:
+            stats.update(counts)
+        return ranks
     pair_scores = np.einsum("pd,pd->p", np.asarray(queries[active[local_query]], np.float64),
                             np.asarray(gallery[pair_gallery], np.float64))
     best = np.full(len(active), -np.inf)

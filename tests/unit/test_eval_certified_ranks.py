@@ -117,6 +117,8 @@ def test_several_captions_per_image_both_directions() -> None:
     owners = np.concatenate([owners, owners[:7]])
     captions = np.arange(len(texts))
     _check(texts, images, captions, owners)      # caption -> images
+    chunked = certified_ranks(texts, images, captions, owners, max_queries=7, **SMALL)   # queries in passes of 7
+    np.testing.assert_array_equal(chunked, _float64_ranks(texts, images, captions, owners))
     _check(images, texts, owners, captions)      # image -> captions: best of its captions; 0 without
     assert (certified_ranks(images, texts, owners, captions)[40:] == 0).all()
     want = retrieval_metrics_exact(texts, images, owners, method="float32")
