@@ -178,10 +178,11 @@ def certified_ranks(
         if stats is not None:
             stats.update(counts)
         return ranks
-    pair_scores = np.einsum("pd,pd->p", np.asarray(queries[active[local_query]], np.float64),
-                            np.asarray(gallery[pair_gallery], np.float64))
     best = np.full(len(active), -np.inf)
-    np.maximum.at(best, local_query, pair_scores)
+    for lo in range(0, len(local_query), max_queries):   # in pieces: a million pairs would be 8 GB in float64
+        lq, pg_ = local_query[lo:lo + max_queries], pair_gallery[lo:lo + max_queries]
+        np.maximum.at(best, lq, np.einsum("pd,pd->p", np.asarray(queries[active[lq]], np.float64),
+                                          np.asarray(gallery[pg_], np.float64)))
     # Queries by threshold, highest first: those whose threshold sits in the bulk of the scores
     # (a correct item ranked far down) share tiles, and the others' tiles stay sparse.
     order = np.argsort(-best, kind="stable")
