@@ -28,6 +28,25 @@ Methods:
 Each result has `seconds_over_clipkit_exact` and the load average seen around it (the
 machine is shared: compare methods from one run). Writes benchmarks/results/eval_bench_cpu.json
 (or --out).
+
+End to end (`--end-to-end`): what `clipkit-eval` computes for flat retrieval, both directions,
+recall@1/5/10, mean and median rank, on planted data: each caption is
+normalize(a * its image + sqrt(1 - a^2) * noise) with a ~ U(0.05, 0.3) per caption, so ranks
+run from 1 into the thousands. Two cases: `images` (1M images x 10k captions) and `captions`
+(the reverse: 10k images x 1M captions, 100 per image). Methods, each in its own process:
+
+    certified   clipkit.eval.metrics.exact_ranks(method="certified"), clipkit-eval's default
+    float32     positive_ranks: every score in a float32 GEMM (today's count)
+    torch_sort  torch matmul + a full sort of each query's row (the usual recipe); run on
+                --sort-queries queries per direction and scaled to all (marked "extrapolated")
+
+    python benchmarks/eval_bench.py --end-to-end --cases images,captions --methods certified,float32,torch_sort \
+        --repeats 3 --out benchmarks/results/eval_bench_e2e_cpu.json
+
+Ranks of certified and float32 are compared item for item; where they differ, a float64 check
+says which side the exact rule takes. `--zeroshot` measures the zero-shot head (1,000 ImageNet
+classes x 80 templates, open_clip's own lists) with the tiny text tower and ViT-B-32's (random
+init, offline): the batched, deduplicated build against the per-class loop it replaced.
 """
 
 from __future__ import annotations
@@ -173,6 +192,230 @@ def run_method(method: str, args: argparse.Namespace, tmp: str) -> dict:
     return result
 
 
+E2E_METHODS = ("certified", "float32", "torch_sort")
+
+
+def planted_captions(images: np.ndarray, owners: np.ndarray, seed: int, chunk: int = 65536) -> np.ndarray:
+    """[M, D] unit captions: normalize(a * images[owner] + sqrt(1 - a^2) * unit noise), a ~ U(0.05, 0.3)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(owners), images.shape[1]), np.float32)
+    for s in range(0, len(owners), chunk):
+        own = owners[s:s + chunk]
+        a = rng.uniform(0.05, 0.3, (len(own), 1)).astype(np.float32)
+        noise = rng.standard_normal((len(own), images.shape[1]), dtype=np.float32)
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        block = a * images[own] + np.sqrt(1 - a * a) * noise
+        out[s:s + len(own)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def e2e_data(case: str, big: int, small: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(texts [M, D], images [N, D], owners [M]) of one case, from fixed seeds."""
+    if case == "images":     # N = big images, M = small captions of distinct images
+        images = unit_rows(big, dim, seed=0)
+        owners = np.sort(np.random.default_rng(2).choice(big, small, replace=False))
+    else:                    # N = small images, M = big captions, big // small per image
+        images = unit_rows(small, dim, seed=0)
+        owners = np.repeat(np.arange(small), big // small)
+    return planted_captions(images, owners, seed=3), images, owners
+
+
+def sort_ranks(queries: np.ndarray, gallery: np.ndarray, pair_q: np.ndarray, pair_g: np.ndarray,
+               rows: np.ndarray, block: int = 64) -> np.ndarray:
+    """torch matmul + full sort: rank of the first correct item in each query's sorted row (index-order ties)."""
+    import torch
+    g = torch.from_numpy(gallery)
+    correct = {}
+    for q, i in zip(pair_q.tolist(), pair_g.tolist()):
+        correct.setdefault(q, []).append(i)
+    out = np.zeros(len(rows), np.int64)
+    for s in range(0, len(rows), block):
+        ids = rows[s:s + block]
+        order = torch.argsort(torch.from_numpy(queries[ids]) @ g.T, dim=1, descending=True, stable=True)  # [b, N]
+        position = torch.empty_like(order)
+        position.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+        for k, q in enumerate(ids.tolist()):
+            out[s + k] = int(position[k, correct[q]].min()) + 1
+    return out
+
+
+def e2e_worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from clipkit.eval.metrics import exact_ranks, rank_metrics
+
+    before = peak_rss_gib()
+    texts, images, owners = e2e_data(args.case, args.big, args.small, args.dim)
+    out: dict = {"method": args.worker, "case": args.case, "texts": len(texts), "images": len(images),
+                 "rss_after_data_gib": round(peak_rss_gib(), 3)}
+    captions = np.arange(len(texts))
+    has_caption = np.bincount(owners, minlength=len(images)) > 0
+    directions = {"image_retrieval": (texts, images, captions, owners),
+                  "text_retrieval": (images, texts, owners, captions)}
+    total = 0.0
+    for name, (queries, gallery, pq, pg) in directions.items():
+        t0 = time.perf_counter()
+        if args.worker == "torch_sort":
+            rows = np.unique(pq)
+            rows = np.sort(np.random.default_rng(5).choice(rows, min(args.sort_queries, len(rows)), replace=False))
+            ranks = sort_ranks(queries, gallery, pq, pg, rows)
+            seconds = time.perf_counter() - t0
+            out[f"{name}_measured_s"] = round(seconds, 3)
+            out[f"{name}_queries_measured"] = len(rows)
+            seconds *= len(np.unique(pq)) / len(rows)
+            out[f"{name}_s_extrapolated"] = True
+        else:
+            ranks = exact_ranks(queries, gallery, pq, pg, method=args.worker)
+            seconds = time.perf_counter() - t0
+            np.save(Path(args.tmp) / f"{args.case}_{name}_{args.worker}.npy", ranks)
+            ranks = ranks[has_caption] if name == "text_retrieval" else ranks
+        out[f"{name}_s"] = round(seconds, 3)
+        total += seconds
+        out.update({k: round(v, 6) for k, v in rank_metrics(ranks, name, (1, 5, 10)).items()})
+    out["both_directions_s"] = round(total, 3)
+    out["peak_rss_gib"] = round(peak_rss_gib(), 3)
+    out["peak_rss_minus_imports_gib"] = round(out["peak_rss_gib"] - before, 3)
+    return out
+
+
+def e2e_verify(args: argparse.Namespace) -> dict:
+    """Where certified and float32 ranks differ: the float64 rule's rank for those queries."""
+    texts, images, owners = e2e_data(args.case, args.big, args.small, args.dim)
+    captions = np.arange(len(texts))
+    out = {}
+    for name, (queries, gallery, pq, pg) in {"image_retrieval": (texts, images, captions, owners),
+                                             "text_retrieval": (images, texts, owners, captions)}.items():
+        a = np.load(Path(args.tmp) / f"{args.case}_{name}_certified.npy")
+        b = np.load(Path(args.tmp) / f"{args.case}_{name}_float32.npy")
+        scored = (a > 0) & (b > 0)   # queries with a correct item (images without captions have rank 0)
+        differ = np.nonzero(a != b)[0]
+        agree_certified = 0
+        g64 = None
+        for q in differ[:200].tolist():
+            if g64 is None:
+                g64 = gallery.astype(np.float64)
+            s = g64 @ queries[q].astype(np.float64)
+            own = pg[pq == q]
+            threshold = np.float32(s[own].max() - 1e-6)
+            counted = s.astype(np.float32) >= threshold
+            counted[own] = False
+            agree_certified += int(counted.sum() + 1 == a[q])
+        out[name] = {"queries": int(scored.sum()),
+                     "ranks_equal": int(np.sum((a == b) & scored)), "ranks_differ": len(differ),
+                     "max_abs_difference": int(np.abs(a - b).max()) if len(differ) else 0,
+                     "differing_checked_in_float64": min(len(differ), 200),
+                     "float64_agrees_with_certified": agree_certified}
+    return out
+
+
+def zeroshot_bench(args: argparse.Namespace) -> dict:
+    """The zero-shot head for 1,000 ImageNet classes x 80 templates: batched + deduplicated vs per class."""
+    import torch
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    from clipkit.config import CONF_DIR
+    from clipkit.eval.suite import ZEROSHOT_TEXT_BATCH
+    from clipkit.eval.zeroshot import zeroshot_classifier
+    from clipkit.models import build_model
+    from clipkit.objective import ContrastiveObjective
+    from clipkit.recipe import build_towers
+
+    torch.set_num_threads(args.threads)
+    templates = [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
+    results = []
+    towers = (("tiny_vit", 1000), ("ViT-B-32", args.zeroshot_classes_vitb32))
+    for tower, classes in [t for t in towers if t[0] in args.zeroshot_towers.split(",")]:
+        torch.manual_seed(0)
+        if tower == "tiny_vit":
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                bundle = build_towers(compose("train", overrides=["model=tiny_vit"]).model)
+        else:
+            bundle = build_model("ViT-B-32")
+        objective = ContrastiveObjective(bundle.model.eval(), loss=None)
+        names = list(IMAGENET_CLASSNAMES[:classes])
+
+        def encode(texts: list[str], batch: int = ZEROSHOT_TEXT_BATCH, objective=objective, bundle=bundle) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat([objective.encode_text(bundle.tokenizer(texts[i:i + batch]))
+                                  for i in range(0, len(texts), batch)])
+
+        stats: dict = {}
+        t0 = time.perf_counter()
+        new = zeroshot_classifier(encode, names, templates, stats=stats)
+        batched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        old = []
+        with torch.no_grad():     # the loop it replaced: one encode call per class, its 80 prompts
+            for name in names:
+                emb = F.normalize(encode([t.replace("{c}", name) for t in templates]).float(), dim=-1)
+                old.append(F.normalize(emb.mean(0), dim=-1))
+        per_class = time.perf_counter() - t0
+        scale = 1000 / classes
+        results.append({"tower": tower, "classes_measured": classes, "templates": len(templates), **stats,
+                        "batched_s": round(batched, 3), "per_class_loop_s": round(per_class, 3),
+                        "batched_s_for_1000_classes": round(batched * scale, 2),
+                        "per_class_loop_s_for_1000_classes": round(per_class * scale, 2),
+                        "extrapolated": classes != 1000,
+                        "max_abs_difference": float((new - torch.stack(old)).abs().max()),
+                        "loadavg_after": round(os.getloadavg()[0], 2)})
+        print(json.dumps(results[-1]), flush=True)
+    return {"zeroshot": results}
+
+
+def e2e_main(args: argparse.Namespace) -> None:
+    cases = [c for c in args.cases.split(",") if c]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = sorted(set(methods) - set(E2E_METHODS)) + sorted(set(cases) - {"images", "captions"})
+    if bad:
+        raise SystemExit(f"unknown methods or cases {bad}; methods {list(E2E_METHODS)}, cases images,captions")
+    report = {"workload": {"big": args.big, "small": args.small, "dim": args.dim, "cases": cases,
+                           "captions": "normalize(a image + sqrt(1 - a^2) noise), a ~ U(0.05, 0.3)"},
+              "machine": machine_info(args), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "results": [], "rank_agreement": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            for repeat in range(args.repeats):
+                for method in methods:   # alternating: certified, float32, ... then again
+                    if method != "certified" and repeat > 0 and method in args.once.split(","):
+                        continue
+                    cmd = [sys.executable, __file__, "--worker", f"e2e_{method}", "--tmp", tmp, "--case", case,
+                           "--big", str(args.big), "--small", str(args.small), "--dim", str(args.dim),
+                           "--threads", str(args.threads), "--sort-queries", str(args.sort_queries)]
+                    load_before = os.getloadavg()
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        result = {"method": method, "case": case, "status": f"failed rc={proc.returncode}",
+                                  "stderr": proc.stderr[-2000:]}
+                    else:
+                        result = json.loads(proc.stdout.strip().splitlines()[-1])
+                        result["status"] = "ok"
+                    result["repeat"] = repeat + 1
+                    result["loadavg_1_5_15_before"] = [round(x, 2) for x in load_before]
+                    result["loadavg_1_5_15_after"] = [round(x, 2) for x in os.getloadavg()]
+                    report["results"].append(result)
+                    print(json.dumps(result), flush=True)
+            if {"certified", "float32"} <= set(methods):
+                cmd = [sys.executable, __file__, "--worker", "e2e_verify", "--tmp", tmp, "--case", case,
+                       "--big", str(args.big), "--small", str(args.small), "--dim", str(args.dim)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                report["rank_agreement"][case] = (json.loads(proc.stdout.strip().splitlines()[-1])
+                                                  if proc.returncode == 0 else proc.stderr[-2000:])
+                print(json.dumps({case: report["rank_agreement"][case]}), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def machine_info(args: argparse.Namespace) -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gallery", type=int, default=1_000_000)
@@ -184,11 +427,40 @@ def main() -> None:
     p.add_argument("--ef-search", type=int, default=64)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "eval_bench_cpu.json"))
-    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--end-to-end", action="store_true", help="clipkit-eval's retrieval metrics, both directions")
+    p.add_argument("--cases", default="images,captions")
+    p.add_argument("--big", type=int, default=1_000_000, help="end to end: the large side (images or captions)")
+    p.add_argument("--small", type=int, default=10_000, help="end to end: the small side")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--once", default="torch_sort", help="end to end: methods run in the first repeat only")
+    p.add_argument("--sort-queries", type=int, default=500, help="torch_sort: queries measured per direction")
+    p.add_argument("--zeroshot", action="store_true", help="the zero-shot head's cost, 1,000 classes x 80 templates")
+    p.add_argument("--zeroshot-classes-vitb32", type=int, default=1000)
+    p.add_argument("--zeroshot-towers", default="tiny_vit,ViT-B-32")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=[*METHODS, *(f"e2e_{m}" for m in E2E_METHODS), "e2e_verify"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker == "e2e_verify":
+        print(json.dumps(e2e_verify(args)))
+        return
+    if args.worker and args.worker.startswith("e2e_"):
+        args.worker = args.worker[4:]
+        print(json.dumps(e2e_worker(args)))
+        return
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.zeroshot:
+        report = {"machine": machine_info(args), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                  **zeroshot_bench(args)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
+    if args.end_to_end:
+        e2e_main(args)
         return
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))

@@ -34,7 +34,10 @@ def load_open_clip(model_name: str, pretrained: str | None, device: torch.device
     """-> (model in eval mode, val transform, tokenizer) straight from open_clip."""
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+    from clipkit.models.factory import missing_weights_explained
+
+    with missing_weights_explained(model_name, pretrained, key="pretrained"):
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
@@ -74,6 +77,10 @@ def check(cfg: DictConfig) -> None:
         raise ClipkitConfigError("give exactly one of run_dir=<clipkit run> or model_name=<open_clip name>")
     if cfg.run_dir is not None and not RunDir(cfg.run_dir).root.is_dir():
         raise ClipkitConfigError(f"run_dir not found: {RunDir(cfg.run_dir).root}")
+    if cfg.model_name is not None:
+        from clipkit.models.factory import check_pretrained_file
+
+        check_pretrained_file(cfg.model_name, cfg.pretrained, key="pretrained")
 
 
 def init_distributed() -> distributed.DistInfo:

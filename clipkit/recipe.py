@@ -20,7 +20,8 @@ import logging
 import os
 import random
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +36,7 @@ from clipkit.checkpoint import Checkpointer, export_open_clip
 from clipkit.data import Source, TrainLoader, build_sources, build_train_loader, roles_from_config
 from clipkit.engine import build_optimizer, build_schedule, check_schedule, initialize_engine, render_deepspeed_config
 from clipkit.errors import ClipkitConfigError
+from clipkit.eval.budget import EvalBudget
 from clipkit.eval.runner import SearchConfig
 from clipkit.eval.scoring import build_scorer
 from clipkit.eval.suite import EvalSetSpec, EvalSuite, build_eval_specs, build_search_config, check_captioning
@@ -288,13 +290,18 @@ class Run:
     loggers: MetricLoggers
     loader: TrainLoader | None = None
     start_step: int = 0
+    budget: EvalBudget = field(default_factory=lambda: EvalBudget(0.25))
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Collective: every eval set on the current weights, in eval mode."""
+    def evaluate(self, step: int, *, in_training: bool = True) -> dict[str, float]:
+        """Collective: every eval set on the current weights, in eval mode; the metrics carry the
+        eval's time split per set (`clipkit.eval.budget`)."""
+        start = time.perf_counter()
         self.engine.eval()
         metrics = self.suite.run(self.engine.module, device=self.engine.device, step=step)
         self.engine.train()
-        return metrics
+        timing = self.budget.record(step, self.suite.last_timings, time.perf_counter() - start,
+                                    in_training=in_training)
+        return {**metrics, **timing}
 
 
 def _write_run_files(run_dir: RunDir, cfg: DictConfig, bundle: ModelBundle) -> None:
@@ -332,7 +339,8 @@ def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Ru
                             run_dir=run_dir, run_name=cfg.run_name,
                             config=OmegaConf.to_container(cfg, resolve=True), is_main=dist.is_main)
     checkpointer = Checkpointer(run_dir.checkpoints, keep_last=cfg.trainer.keep_last_checkpoints)
-    return Run(cfg, inputs, dist, run_dir, bundle, objective, engine, checkpointer, suite, loggers)
+    return Run(cfg, inputs, dist, run_dir, bundle, objective, engine, checkpointer, suite, loggers,
+               budget=EvalBudget(cfg.eval.budget_share))
 
 
 def resume(run: Run, tag: str | None) -> None:
@@ -374,6 +382,7 @@ def fit(run: Run) -> None:
                       evaluate=run.evaluate if run.inputs.eval_specs else None,
                       client_state=lambda step: {"step": step, "data": loader.gather_state()},
                       data_stats=loader.stats, preemption=watch, batch_keys=lambda: loader.last_batch_keys)
+    run.budget.start_training()
     try:
         trainer.fit(run.start_step)
     finally:
@@ -392,7 +401,7 @@ def fit(run: Run) -> None:
 def finish(run: Run) -> dict[str, float]:
     """The final eval (also for an already-finished run), export, curves and the results table."""
     max_steps = run.cfg.trainer.max_steps
-    final = run.evaluate(max_steps) if run.inputs.eval_specs else {}
+    final = run.evaluate(max_steps, in_training=False) if run.inputs.eval_specs else {}
     if final:
         run.loggers.log({"step": max_steps, **final})
     distributed.barrier()
@@ -405,7 +414,7 @@ def finish(run: Run) -> dict[str, float]:
             print(run.suite.results_table(), flush=True)
     run.loggers.close()
     distributed.barrier()
-    return final
+    return {k: v for k, v in final.items() if not k.startswith("eval_time/")}   # the time split is logged only
 
 
 def run_training(cfg: DictConfig) -> dict[str, Any]:

@@ -203,6 +203,7 @@ class EvalSearchConfig:
     ef_search: int = 64
     sample_for_recall: int = 1000
     seed: int = 0
+    ranks: str = "auto"               # auto | certified | float32: how exact ranks are counted
 
 
 @dataclass
@@ -214,6 +215,7 @@ class EvalConfig:
     tie_tolerance: float = 1.0e-6
     scoring: str = "auto"             # auto | pooled | late_interaction
     cache_dir: Optional[str] = None   # clipkit-eval only
+    budget_share: float = 0.25        # training evals: warn once when they take more than this share of the run
 
 
 @dataclass

@@ -4,6 +4,7 @@ from clipkit.eval.embed import EmbeddedSet, embed_eval_set, gather_embedded_set
 from clipkit.eval.metrics import (
                                   TIE_ATOL,
                                   classification_metrics,
+                                  exact_ranks,
                                   positive_ranks,
                                   retrieval_metrics,
                                   retrieval_metrics_exact,
@@ -24,6 +25,7 @@ __all__ = [
     "SearchConfig",
     "TIE_ATOL",
     "build_index",
+    "exact_ranks",
     "positive_ranks",
     "recall_vs_exact",
     "retrieval_metrics_exact",

@@ -2,7 +2,9 @@
 
 `eval.cache_dir: <dir>` turns it on; a second eval of the same checkpoint on the same set
 (another search index, another k) then skips the encoders. Layout:
-`<cache_dir>/<model>/<set>/<tag>/{image_emb,text_emb,text_image_index,labels}.npy`.
+`<cache_dir>/<model>/<set>/<tag>/{image_emb,text_emb,text_image_index,labels}.npy`, and the
+zero-shot head beside it: `<cache_dir>/<model>/<set>/<tag>-zeroshot/classifier-<digest>.npy`
+(the digest covers the class names, templates and context length).
 The key does not see preprocessing or set contents: change the tag (or clear the
 directory) when those change. Under several processes the directory must be shared
 (every rank checks it, rank 0 writes it), or ranks would disagree about embedding.
@@ -51,4 +53,22 @@ def save_embedded(path: Path, emb: EmbeddedSet) -> None:
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_array(path: Path) -> torch.Tensor | None:
+    """One cached array (the zero-shot head, [C, D]) as a CPU tensor, or None when absent."""
+    return torch.from_numpy(np.load(path)) if path.exists() else None
+
+
+def save_array(path: Path, array: torch.Tensor) -> None:
+    """Writes `array` to a temp file beside `path`, then renames it: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array.detach().cpu().numpy())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
         raise

@@ -97,7 +97,7 @@ class _Block:
     """One gallery block: int8 values [D, n] (transposed for the GEMM), one scale, the float64
     rows for rescoring, and the block-wide norms the bound needs."""
 
-    def __init__(self, rows: torch.Tensor, exact_buffer: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, exact_buffer: torch.Tensor | None, keep_residual: bool = False):
         lo, hi = torch.aminmax(rows)
         amax = max(-float(lo), float(hi))
         if not math.isfinite(amax):
@@ -110,7 +110,10 @@ class _Block:
         # most D 2^-24 relative (Higham eq. 3.5).
         dim = rows.shape[1]
         grow = 1 + dim * 2.0 ** -23
-        resid = float(torch.linalg.vector_norm(torch.add(rows, values, alpha=-self.scale), dim=1).max())
+        residual = torch.add(rows, values, alpha=-self.scale)  # [n, D] float32
+        resid = float(torch.linalg.vector_norm(residual, dim=1).max())
+        # Kept for a second int8 level (`clipkit.eval.certified_ranks`), with the values that made it.
+        self.residual, self.values = (residual, values) if keep_residual else (None, None)
         # Squares of integers <= 127 summed over D <= 1040 stay below 2^24: exact in float32.
         integer_norm = torch.linalg.vector_norm(values if dim <= 1040 else values.double(), dim=1).max()
         self.dequant_max = float(integer_norm) * (1 + 2.0 ** -22) * self.scale
@@ -118,8 +121,8 @@ class _Block:
         self.norm_max = float(torch.linalg.vector_norm(rows, dim=1).max()) * grow
         self.values_t = values.to(torch.int8).T.contiguous()
         # [n, D] float64 for rescoring, in a buffer reused across blocks: a fresh 64 MiB tensor
-        # per block costs more in page faults than the copy.
-        self.exact = exact_buffer[:rows.numel()].view(rows.shape).copy_(rows)
+        # per block costs more in page faults than the copy. None: the caller rescores otherwise.
+        self.exact = None if exact_buffer is None else exact_buffer[:rows.numel()].view(rows.shape).copy_(rows)
 
 
 class _TileBound:

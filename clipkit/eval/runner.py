@@ -16,10 +16,11 @@ import torch
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval.embed import EmbeddedSet
 from clipkit.eval.metrics import (
+    RANK_METHODS,
     TIE_ATOL,
     classification_metrics,
+    exact_ranks,
     pooled_own_scores,
-    positive_ranks,
     retrieval_metrics,
     retrieval_metrics_exact,
     selection_groups,
@@ -50,6 +51,9 @@ class SearchConfig:
     nprobe: IVF lists probed per query. ef_search: HNSW's search breadth.
     tie_tolerance: (`eval.tie_tolerance`) a wrong item scoring at least the correct one's score
         minus this counts as ahead of it; 0 counts exact ties only (see `clipkit.eval.metrics`).
+    ranks: how exact ranks (flat retrieval, zero-shot classification) are counted: "auto"
+        (the certified int8 filter where torch has a CPU int8 GEMM, else float32), "certified"
+        or "float32" (every score in a float32 GEMM: `clipkit.eval.metrics.exact_ranks`).
     """
 
     index: str = "flat"
@@ -58,6 +62,7 @@ class SearchConfig:
     sample_for_recall: int = 1000
     seed: int = 0
     tie_tolerance: float = TIE_ATOL
+    ranks: str = "auto"
 
     def __post_init__(self) -> None:
         if self.index != "flat" and self.index not in APPROX_INDEXES and "," not in self.index \
@@ -66,6 +71,8 @@ class SearchConfig:
                                      "or a FAISS factory string such as 'IVF256,Flat'")
         if self.nprobe < 1 or self.ef_search < 1 or self.sample_for_recall < 1:
             raise ClipkitConfigError("eval.search.nprobe, ef_search and sample_for_recall must be >= 1")
+        if self.ranks not in RANK_METHODS:
+            raise ClipkitConfigError(f"eval.search.ranks={self.ranks!r}: choose from {list(RANK_METHODS)}")
         if not self.tie_tolerance >= 0:
             raise ClipkitConfigError(f"eval.tie_tolerance must be >= 0, got {self.tie_tolerance}")
 
@@ -109,8 +116,9 @@ def evaluate_embedded(
         if len(labels) == 0 or labels.min() < 0 or labels.max() >= len(classifier):
             raise ClipkitConfigError(f"zeroshot_classification needs a label in [0, {len(classifier)}) for every image; "
                                      "drop the task for sets without class labels")
-        ranks = positive_ranks(images, _np(classifier.float()), np.arange(len(images)), labels,
-                               tie_atol=(search or SearchConfig()).tie_tolerance)
+        search_cfg = search or SearchConfig()
+        ranks = exact_ranks(images, _np(classifier.float()), np.arange(len(images)), labels,
+                            tie_atol=search_cfg.tie_tolerance, method=search_cfg.ranks)
         results["zeroshot_classification"] = classification_metrics(ranks, labels, len(classifier))
     texts, owners = _np(emb.text_emb.float()), _np(emb.text_image_index)
     if "selection" in tasks:
@@ -127,7 +135,7 @@ def evaluate_embedded(
         search = search or SearchConfig()
         if search.index == "flat":
             results["retrieval"] = retrieval_metrics_exact(texts, images, owners, RECALL_K,
-                                                           tie_atol=search.tie_tolerance)
+                                                           tie_atol=search.tie_tolerance, method=search.ranks)
         else:
             results["retrieval"] = approximate_retrieval(texts, images, owners, search, use_gpu=use_gpu)
     return results

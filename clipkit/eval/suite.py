@@ -7,7 +7,9 @@ the same metrics a 1-process eval would. Rank 0 writes one CLIP_benchmark JSON p
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,7 +24,7 @@ from clipkit.data import EvalBatch, expand_urls, iter_eval_batches, read_set_met
 from clipkit.data.eval_reader import EvalTexts, clip_benchmark_set
 from clipkit.errors import ClipkitConfigError
 from clipkit.eval import datasets
-from clipkit.eval.cache import cache_path, load_embedded, save_embedded
+from clipkit.eval.cache import cache_path, load_array, load_embedded, save_array, save_embedded
 from clipkit.eval.captioning import evaluate_captioning
 from clipkit.eval.embed import EmbeddedSet, TokenEmbeddings, embed_eval_set, gather_embedded_set
 from clipkit.eval.late_interaction import late_interaction_metrics
@@ -36,7 +38,7 @@ from clipkit.eval.runner import (
 )
 from clipkit.eval.scoring import LateInteraction, PooledCosine, Scorer
 from clipkit.eval.text_context import check_text_context, model_text_positions, set_tokenizer
-from clipkit.eval.zeroshot import zeroshot_classifier
+from clipkit.eval.zeroshot import classifier_key, zeroshot_classifier
 from clipkit.schema import EvalSetConfig, load_section
 
 # clip_benchmark: a directory in CLIP_benchmark's webdataset layout (its --dataset_root), read as urls.
@@ -46,6 +48,46 @@ SET_TASKS = (*TASKS, "captioning")
 # Tasks a set runs when it names none, by what it is (a CLIP_benchmark root's dataset_type.txt).
 DEFAULT_TASKS = {"classification": ["zeroshot_classification"], "retrieval": ["retrieval"],
                  "selection": ["selection"], "urls": ["zeroshot_classification", "retrieval"]}
+
+
+# Texts per text-tower call for the zero-shot head: on CPU the tiny tower ran 3x faster per
+# prompt at 2,048 than at 256 (eager per-call overhead); a prompt batch holds no images.
+ZEROSHOT_TEXT_BATCH = 1024
+# The parts of one set's eval time (`EvalSuite.last_timings`), in the order they are reported.
+TIME_PARTS = ("decode", "image_tower", "text_tower", "search_and_ranks")
+TIME_PART_NAMES = {"decode": "decode", "image_tower": "image tower", "text_tower": "text tower",
+                   "search_and_ranks": "search and ranks"}
+
+
+class Stopwatch:
+    """Seconds per part of one set's eval, summed over calls. On CUDA a part ends with a device
+    sync, so kernels launched in it are charged to it, not to whatever waits next."""
+
+    def __init__(self, device: torch.device):
+        self.seconds = dict.fromkeys(TIME_PARTS, 0.0)
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(self, part: str, fn: Callable) -> Callable:
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self._sync()
+            self.seconds[part] += time.perf_counter() - start
+            return out
+        return run
+
+    def timed_iter(self, part: str, items: Iterator) -> Iterator:
+        """`items`, with the time spent producing each (reading, decoding, preprocessing) charged to `part`."""
+        it = iter(items)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.seconds[part] += time.perf_counter() - start
+                return
+            self.seconds[part] += time.perf_counter() - start
+            yield item
 
 
 @dataclass
@@ -69,7 +111,10 @@ class EvalSetSpec:
 def _source_of(name: str, s: EvalSetConfig) -> str:
     given = [k for k in SOURCES if getattr(s, k) is not None]
     if len(given) != 1:
-        raise ClipkitConfigError(f"eval.sets.{name}: give exactly one of {', '.join(SOURCES)}; got {given or 'none'}")
+        hint = (f" (keys for a set that is not there, e.g. an experiment's under eval=none: drop them with "
+                f"~eval.sets.{name}, or put them in an eval option under conf/eval/)") if not given else ""
+        raise ClipkitConfigError(f"eval.sets.{name}: give exactly one of {', '.join(SOURCES)}; got "
+                                 f"{given or 'none'}{hint}")
     return given[0]
 
 
@@ -204,24 +249,38 @@ class EvalSuite:
         self.model_name = model_name
         self.pretrained = pretrained
         self.last_results: dict[str, dict[str, dict[str, float]]] = {}
+        # Per set: seconds of decode, image tower, text tower, search and ranks (TIME_PARTS) of the
+        # last run, on this rank; the zero-shot head counts as text tower.
+        self.last_timings: dict[str, dict[str, float]] = {}
+        self._watch: Stopwatch | None = None
 
     def _tokenizer(self, spec: EvalSetSpec, objective: nn.Module):
         """The set's tokenizer: at its `context_length` (padded to the model's positions), else the model's."""
         return set_tokenizer(self.tokenizer, spec.context_length, model_text_positions(objective))
 
-    def _encoders(self, objective: nn.Module, device: torch.device, spec: EvalSetSpec):
+    def _encoders(self, objective: nn.Module, device: torch.device, spec: EvalSetSpec, text_batch: int | None = None):
+        """(encode_image, encode_text), timed; texts go through the tower `text_batch` (default
+        `batch_size`) at a time."""
         tokenizer = self._tokenizer(spec, objective)
+        text_batch = text_batch or self.batch_size
 
         def encode_image(images: torch.Tensor) -> torch.Tensor:
             return objective.encode_image(images.to(device))
 
         def encode_text(texts: list[str]) -> torch.Tensor:
-            return torch.cat([objective.encode_text(tokenizer(texts[i:i + self.batch_size]).to(device))
-                              for i in range(0, len(texts), self.batch_size)])
-        return encode_image, encode_text
+            return torch.cat([objective.encode_text(tokenizer(texts[i:i + text_batch]).to(device))
+                              for i in range(0, len(texts), text_batch)])
+        return self._timed(encode_image, encode_text)
+
+    def _timed(self, encode_image, encode_text):
+        if self._watch is None:
+            return encode_image, encode_text
+        return self._watch.timed("image_tower", encode_image), self._watch.timed("text_tower", encode_text)
 
     def _batches(self, spec: EvalSetSpec, encode_image, encode_text, device) -> Iterator[EvalBatch]:
         local = self._local_batches(spec)
+        if self._watch is not None:
+            local = self._watch.timed_iter("decode", local)
         for batch in distributed.in_lockstep(local, device):
             if batch is None:  # this rank is done; match the others' collective forwards
                 with torch.no_grad():
@@ -266,7 +325,7 @@ class EvalSuite:
             return torch.cat([TokenEmbeddings.pack_texts(*objective.encode_text_tokens(
                 tokenizer(texts[i:i + self.batch_size]).to(device)))
                 for i in range(0, len(texts), self.batch_size)])
-        return encode_image, encode_text
+        return self._timed(encode_image, encode_text)
 
     def _late_interaction(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device,
                           tag: str | None) -> dict[str, dict[str, float]]:
@@ -283,10 +342,11 @@ class EvalSuite:
             dim = objective.encode_text_tokens(tokenizer(["a"]).to(device))[0].shape[-1]
         emb = self._embedded(spec, encode_image, encode_text, device, tag and f"{tag}-tokens")
         tokens = TokenEmbeddings.unpack(emb, dim)
-        return late_interaction_metrics(self.scorer.similarity, image_tokens=tokens.image_tokens, tasks=tasks,
-                                        labels=tokens.labels, text_tokens=tokens.text_tokens,
-                                        text_mask=tokens.text_mask, text_image_index=tokens.text_image_index,
-                                        tie_atol=self.search.tie_tolerance, **class_kwargs)
+        with self._watch_part("search_and_ranks"):
+            return late_interaction_metrics(self.scorer.similarity, image_tokens=tokens.image_tokens, tasks=tasks,
+                                            labels=tokens.labels, text_tokens=tokens.text_tokens,
+                                            text_mask=tokens.text_mask, text_image_index=tokens.text_image_index,
+                                            tie_atol=self.search.tie_tolerance, **class_kwargs)
 
     def run(self, objective: nn.Module, *, device: torch.device | str, step: int | None = None,
             tag: str | None = None) -> dict[str, float]:
@@ -300,19 +360,26 @@ class EvalSuite:
         tag = tag if tag is not None else (f"step_{step}" if step is not None else None)
         check_text_context(self.specs, objective)
         results: dict[str, dict[str, dict[str, float]]] = {}
+        self.last_timings = {}
         for spec in self.specs:
+            self._watch = Stopwatch(device)
             encode_image, encode_text = self._encoders(objective, device, spec)
             tasks = [t for t in spec.tasks if t != "captioning"]
             if isinstance(self.scorer, LateInteraction):
                 results[spec.name] = self._late_interaction(spec, objective, device, tag)
             else:
-                with torch.no_grad():
-                    classifier = (zeroshot_classifier(encode_text, spec.classnames, spec.templates)
-                                  if "zeroshot_classification" in tasks else None)
+                # Prompts are short and carry no images: the head runs in larger text batches.
+                head_text = self._encoders(objective, device, spec, ZEROSHOT_TEXT_BATCH)[1]
+                classifier = (self._classifier(spec, head_text, objective, tag)
+                              if "zeroshot_classification" in tasks else None)
                 emb = self._embedded(spec, encode_image, encode_text, device, tag)
-                results[spec.name] = evaluate_embedded(emb, tasks=tasks, classifier=classifier, search=self.search)
+                with self._watch_part("search_and_ranks"):
+                    results[spec.name] = evaluate_embedded(emb, tasks=tasks, classifier=classifier,
+                                                           search=self.search)
             if "captioning" in spec.tasks:
                 results[spec.name]["captioning"] = self._captioning(spec, objective, device)
+            self.last_timings[spec.name] = dict(self._watch.seconds)
+            self._watch = None
         self.last_results = results
         if distributed.rank() == 0 and self.out_dir is not None:
             for set_name, tasks in results.items():
@@ -321,6 +388,33 @@ class EvalSuite:
                                          model=self.model_name, pretrained=self.pretrained,
                                          task=BENCHMARK_TASK_NAMES.get(task, task), metrics=metrics)
         return {f"{s}/{m}": v for s, tasks in results.items() for metrics in tasks.values() for m, v in metrics.items()}
+
+    @contextlib.contextmanager
+    def _watch_part(self, part: str) -> Iterator[None]:
+        """Charges the time inside to `part` of the current set (nothing outside `run`)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._watch is not None:
+                self._watch.seconds[part] += time.perf_counter() - start
+
+    def _classifier(self, spec: EvalSetSpec, encode_text, objective: nn.Module, tag: str | None) -> torch.Tensor:
+        """[C, D] zero-shot class embeddings, built once per (checkpoint, set): from the embedding
+        cache when `cache_dir` and `tag` are set and it holds them (keyed by the class names,
+        templates and context length too), else through the text tower in one batched pass."""
+        path = None
+        if self.cache_dir and tag:
+            key = classifier_key(spec.classnames, spec.templates, str(spec.context_length))
+            path = cache_path(self.cache_dir, self.model_name, spec.name, f"{tag}-zeroshot") / f"classifier-{key}.npy"
+            cached = load_array(path)
+            if cached is not None:
+                return cached
+        with torch.no_grad():
+            classifier = zeroshot_classifier(encode_text, spec.classnames, spec.templates)
+        if path is not None and distributed.rank() == 0:
+            save_array(path, classifier)
+        return classifier
 
     def _captioning(self, spec: EvalSetSpec, objective: nn.Module, device: torch.device) -> dict:
         model = getattr(objective, "model", objective)

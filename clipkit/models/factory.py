@@ -21,6 +21,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,55 @@ def _without_random_init_warning():
             target.removeFilter(keep)
 
 
+def check_pretrained_file(name: str, pretrained: str | None, key: str = "model.pretrained") -> None:
+    """Refuses a `pretrained` that names a file (it has a suffix or a slash) which is not there,
+    before any model is built; a bare word is an open_clip tag (`missing_weights_explained`)."""
+    if pretrained is None or Path(pretrained).is_file():
+        return
+    text = str(pretrained)
+    if Path(text).suffix or os.sep in text or text.startswith(("~", ".")):
+        raise ClipkitConfigError(f"{key} file not found: {text}; give the path of an open_clip checkpoint "
+                                 f"(.pt, .bin or .safetensors), or a pretrained tag of {name} "
+                                 f"(open_clip.list_pretrained_tags_by_model('{name}'))")
+
+
+@contextlib.contextmanager
+def missing_weights_explained(name: str, pretrained: str | None, key: str = "model.pretrained"):
+    """Turns open_clip's errors for weights it cannot find into one ClipkitConfigError saying what
+    to do: an unknown tag (the model's tags listed), or a known tag whose file is neither in the
+    local Hugging Face cache nor downloadable (offline, HF_HUB_OFFLINE=1, or no network). open_clip's
+    own root-logger error for them is dropped: the exception (raised or explained) says it."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Failed to download weights", "Pretrained tag or path"))
+
+    root = logging.getLogger()
+    targets = [root, *root.handlers]
+    for target in targets:
+        target.addFilter(keep)
+    try:
+        yield
+    except (RuntimeError, FileNotFoundError) as err:
+        text = str(err)
+        if pretrained is None or not ("is not a known tag" in text or "Failed to download" in text):
+            raise
+        check_pretrained_file(name, pretrained, key)
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise ClipkitConfigError(f"{key}={pretrained} is neither a file nor a pretrained tag of {name} "
+                                     f"(its tags: {', '.join(tags) or 'none'}); give a checkpoint path or one of "
+                                     "the tags") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+        why = "HF_HUB_OFFLINE=1 is set" if offline else "the download failed"
+        raise ClipkitConfigError(
+            f"{key}={pretrained}: the {name} weights of tag '{pretrained}' are not in the local Hugging Face "
+            f"cache and {why}; fetch them once where the network is reachable (python -c \"import open_clip; "
+            f"open_clip.create_model('{name}', pretrained='{pretrained}')\"), then run with HF_HUB_OFFLINE=1, "
+            f"or give a local file: {key}=/path/to/open_clip_pytorch_model.bin") from None
+    finally:
+        for target in targets:
+            target.removeFilter(keep)
+
+
 def build_model(name: str, *, pretrained: str | None = None, config: dict[str, Any] | None = None,
                 precision: str = "fp32", patch_dropout: float = 0.0, context_length: int | None = None,
                 pos_stretch: PosStretchConfig | None = None) -> ModelBundle:
@@ -127,8 +177,7 @@ def build_model(name: str, *, pretrained: str | None = None, config: dict[str, A
     if config is not None:
         _register_inline_config(name, config)
     model_cfg = copy.deepcopy(open_clip_config(name))
-    if pretrained is not None and Path(pretrained).suffix and not Path(pretrained).exists():
-        raise ClipkitConfigError(f"model.pretrained file not found: {pretrained}")
+    check_pretrained_file(name, pretrained)
     if not 0.0 <= patch_dropout < 1.0:
         raise ClipkitConfigError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}")
     architecture = int(model_cfg.get("text_cfg", {}).get("context_length", 77))
@@ -140,7 +189,7 @@ def build_model(name: str, *, pretrained: str | None = None, config: dict[str, A
     if source != architecture and context_length is None:
         raise ClipkitConfigError(f"model.pretrained={pretrained} has {source} text positions, model.name={name} "
                                  f"{architecture}; set model.context_length={source} (or the length to stretch to)")
-    with _without_random_init_warning():  # the recipe says it once, in clipkit's words
+    with _without_random_init_warning(), missing_weights_explained(name, pretrained):
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained if source == architecture else None, precision=precision,
             force_patch_dropout=patch_dropout or None)
