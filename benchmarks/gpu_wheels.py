@@ -7,7 +7,7 @@
 
 The GPU machine has no network and its Python (3.12) is not a virtual environment; it has torch,
 triton and the packages in IMAGE_PACKAGES. The folder holds the rest as CPython 3.12 manylinux
-x86_64 or pure-Python wheels (about 9 MB; it travels with the working tree, 64 MiB in all).
+x86_64 or pure-Python wheels (28 wheels, 39 MiB; it travels with the working tree, 64 MiB in all).
 
 Install layout there: `pip install --no-index --no-deps --target MAIN` of MAIN_PINS and
 `--target SIDE` of SIDE_PINS, then PYTHONPATH=MAIN (clipkit, from the tree) or SIDE:MAIN
