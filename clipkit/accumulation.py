@@ -86,8 +86,11 @@ class CachedGradientStep:
                 cached.append(self.engine(micro_batch, outputs_only=True))
         joined = join_outputs(cached)
         # Every text role's features [b, K, D] are cached like `text`: GradCache over all texts.
+        # Every image head's and text projection's features too (`image@perceptual`, `text_long@perceptual`).
         differentiable = (*DIFFERENTIABLE, *objective.role_features())
         leaves = [name for name in differentiable if joined.get(name) is not None]
+        leaves += [name for name, value in joined.items()
+                   if "@" in name and name.partition("@")[0] in differentiable and value is not None]
         for name in leaves:
             joined[name] = joined[name].detach().requires_grad_(True)
         loss, metrics = objective.loss(**joined)

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -45,6 +46,7 @@ import torch
 from clipkit import distributed
 from clipkit.errors import ClipkitConfigError
 from clipkit.models.factory import open_clip_state_shapes
+from clipkit.models.heads import SEMANTIC, head_model_config, head_state_dict, parse_heads
 from clipkit.models.positions import join_kept_positions
 from clipkit.run_dir import OPEN_CLIP_CONFIG, RunDir, atomic_write_bytes, atomic_write_text
 
@@ -60,7 +62,8 @@ _RUN_FILES = ("config.yaml", OPEN_CLIP_CONFIG)
 UNIVERSAL = "universal"
 # Objective parameters that open_clip keeps on the model itself rather than in a loss: each
 # clipkit loss holds them in its `temperature` (a `clipkit.losses.logit_scale.LogitScale`).
-_LOSS_TO_OPEN_CLIP = {"loss.temperature.logit_scale": "logit_scale", "loss.temperature.logit_bias": "logit_bias"}
+# Extra image heads (`model.heads`) have theirs in `loss.head_temperatures.<head>`.
+_LOSS_SCALARS = ("logit_scale", "logit_bias")
 
 
 def tag_for_step(step: int) -> str:
@@ -418,16 +421,24 @@ def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def to_open_clip_state_dict(objective_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_open_clip_state_dict(objective_state: dict[str, torch.Tensor], head: str = SEMANTIC) -> dict[str, torch.Tensor]:
     """Objective keys (`model.*`, `loss.*`) -> open_clip keys; loss scalars become 0-dim; text
-    positions split into frozen and trained rows (`model.pos_stretch`) become one tensor again."""
+    positions split into frozen and trained rows (`model.pos_stretch`) become one tensor again.
+
+    With extra image heads (`model.heads`), the state of the plain open_clip model for `head`
+    (`clipkit.models.heads.head_state_dict`), with that head's temperature and bias
+    (`loss.head_temperatures.<head>`; the semantic head's is `loss.temperature`)."""
     out = {}
+    prefix = "loss.temperature." if head == SEMANTIC else f"loss.head_temperatures.{head}."
     for key, value in objective_state.items():
         if key.startswith("model."):
             out[key[len("model."):]] = value
-        elif key in _LOSS_TO_OPEN_CLIP:
-            out[_LOSS_TO_OPEN_CLIP[key]] = value.reshape(())
-    return join_kept_positions(out)
+        elif key.startswith(prefix) and key[len(prefix):] in _LOSS_SCALARS:
+            out[key[len(prefix):]] = value.reshape(())
+    if "logit_scale" not in out and any(k.startswith("heads.") for k in out):
+        # No loss term scored this head, so it has no temperature: open_clip's init stands in.
+        out["logit_scale"] = torch.tensor(math.log(1 / 0.07))
+    return join_kept_positions(head_state_dict(out, head))
 
 
 def export_open_clip(run_dir: str | Path, out_dir: str | Path | None = None, tag: str | None = None) -> Path:
@@ -439,7 +450,9 @@ def export_open_clip(run_dir: str | Path, out_dir: str | Path | None = None, tag
     for a built-in architecture name. The model config is the one the checkpoint was written
     with (its tag directory's copy; the run's for checkpoints from before those copies), and a
     checkpoint that does not fit it is refused with the keys and shapes that differ.
-    Returns the .bin path.
+    A run with extra image heads (`model.heads`) gets one more open_clip model per head in
+    `<out_dir>/<head>/`: the trunk with that head's pooling, projections and temperature;
+    `<out_dir>` itself holds the semantic head (the tower's own). Returns the .bin path.
     """
     run = RunDir(run_dir)
     ckpt = Checkpointer(run.checkpoints)
@@ -450,13 +463,38 @@ def export_open_clip(run_dir: str | Path, out_dir: str | Path | None = None, tag
     if not config_path.is_file():
         config_path = run.open_clip_config
     config = json.loads(config_path.read_text())
-    state = to_open_clip_state_dict(fp32_state_dict(ckpt.dir / tag))
+    objective_state = fp32_state_dict(ckpt.dir / tag)
+    out_dir = Path(out_dir) if out_dir else run.export
+    weights = _write_open_clip(to_open_clip_state_dict(objective_state), config, out_dir,
+                               f"checkpoint {ckpt.dir / tag}", f"its model config is {config_path}")
+    for spec in _run_heads(ckpt.dir / tag, run):
+        head_config = {**config, "model_cfg": head_model_config(config["model_cfg"], spec)}
+        _write_open_clip(to_open_clip_state_dict(objective_state, spec.name), head_config, out_dir / spec.name,
+                         f"checkpoint {ckpt.dir / tag}, head {spec.name}", f"model.heads.{spec.name}={spec}")
+    return weights
+
+
+def _run_heads(tag_dir: Path, run: RunDir) -> list:
+    """The extra image heads (`model.heads`) of the launch that wrote a checkpoint."""
+    config_path = tag_dir / "config.yaml"
+    if not config_path.is_file():
+        config_path = run.config
+    if not config_path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False).get("model") or {}
+    return parse_heads(model.get("heads"))
+
+
+def _write_open_clip(state: dict[str, torch.Tensor], config: dict[str, Any], out_dir: Path, what: str,
+                     config_note: str) -> Path:
+    """One open_clip model folder: weights (.bin and .safetensors) and `open_clip_config.json`."""
     if "logit_bias" in state:
         # open_clip only creates `logit_bias` when the config asks for it (SigLIP models).
-        config["model_cfg"]["init_logit_bias"] = float(state["logit_bias"])
+        config = {**config, "model_cfg": {**config["model_cfg"], "init_logit_bias": float(state["logit_bias"])}}
     check_same_model({k: tuple(v.shape) for k, v in state.items()}, open_clip_state_shapes(config["model_cfg"]),
-                     f"checkpoint {ckpt.dir / tag}", f"its model config is {config_path}")
-    out_dir = Path(out_dir) if out_dir else run.export
+                     what, config_note)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / EXPORT_WEIGHTS
     buffer = io.BytesIO()

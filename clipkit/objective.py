@@ -19,12 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.errors import ClipkitConfigError
+from clipkit.models.heads import SEMANTIC, head_names
 from clipkit.models.outputs import (
     encode_image_parts,
     encode_text_pooled,
     image_token_features,
     is_coca,
     is_vision_transformer,
+    project_text,
+    tail_drop,
+    text_pooled_unprojected,
     text_token_features,
 )
 
@@ -65,12 +69,34 @@ def role_outputs(role: str) -> dict[str, Output]:
             f"text_{role}_valid": Output(f"the mask of the {role!r} texts", "[b, K] bool, True on real texts", _ROLES)}
 
 
+def head_output(name: str, head: str) -> str:
+    """The name of output `name` ("image", "text", "text_<r>") as scored by image head `head`:
+    `name` itself for the semantic head, `name@head` for an extra head (`model.heads`)."""
+    return name if head == SEMANTIC else f"{name}@{head}"
+
+
+def split_head(name: str) -> tuple[str, str]:
+    """`image@perceptual` -> ("image", "perceptual"); a name without a head -> (name, "semantic")."""
+    base, _, head = name.partition("@")
+    return base, head or SEMANTIC
+
+
 def output_info(name: str) -> Output:
     """What `name` is, for error messages: a fixed output or a text role's."""
+    base, head = split_head(name)
+    if head != SEMANTIC:
+        info = output_info(base)
+        return Output(f"{info.what} of the image head {head!r}", info.shape, "model.heads with that head")
     if name in OUTPUTS:
         return OUTPUTS[name]
     role = name[len("text_"):].removesuffix("_valid") if name.startswith("text_") else name
     return role_outputs(role).get(name, Output(name, "?", _ROLES))
+
+
+def _loss_precision(x: torch.Tensor) -> torch.Tensor:
+    """Features as the loss takes them: 16-bit and float32 towers give float32; a float64 tower
+    (the parity tests' references) keeps float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class Teacher:
@@ -126,14 +152,24 @@ class ContrastiveObjective(nn.Module):
         """The names of the text roles' feature outputs (`text_<r>`), differentiable like `text`."""
         return tuple(f"text_{role}" for role in self.text_roles)
 
+    def heads(self) -> tuple[str, ...]:
+        """The image heads: ("semantic", *`model.heads`)."""
+        return head_names(self.model)
+
     def missing_outputs(self, needs: tuple[str, ...]) -> list[str]:
         """The names in `needs` this model and batch cannot produce (checked at build time)."""
+        extra = [(name, *split_head(name)) for name in needs if "@" in name]
+        pooled = {"image", "text", *self.role_features()}
+        missing_heads = [name for name, base, head in extra if head not in self.heads() or base not in pooled]
+        needs = tuple(name for name in needs if "@" not in name)
         if self.text_roles:
             # With text roles the batch has no single `text`: the towers' per-caption outputs go.
             can = {"image"}
             for role in self.text_roles:
                 can |= set(role_outputs(role))
-            return [n for n in needs if n not in can]
+            missing_heads = [n for n in missing_heads if split_head(n)[0] != "text"] + \
+                [name for name, base, _ in extra if base == "text"]
+            return [n for n in needs if n not in can] + sorted(set(missing_heads))
         can = {"image", "text"}
         if is_vision_transformer(self.model.visual) and getattr(self.model.visual, "attn_pool", None) is None \
                 and hasattr(self.model, "token_embedding"):
@@ -142,7 +178,7 @@ class ContrastiveObjective(nn.Module):
             can |= {"caption_logits", "caption_labels"}
         if self._teacher is not None:
             can |= {"teacher_image", "teacher_text", "teacher_logit_scale"}
-        return [n for n in needs if n not in can]
+        return [n for n in needs if n not in can] + missing_heads
 
     def check_outputs(self, loss_name: str, model_name: str, needs: tuple[str, ...]) -> None:
         """Raises a one-line config error naming the model to use when `needs` asks for more
@@ -151,6 +187,13 @@ class ContrastiveObjective(nn.Module):
         if not missing:
             return
         roles = ", ".join(self.text_roles)
+        unknown_heads = sorted({split_head(name)[1] for name in missing if split_head(name)[1] not in self.heads()})
+        if unknown_heads:
+            have = ", ".join(self.heads()[1:]) or "none"
+            raise ClipkitConfigError(
+                f"loss={loss_name} scores the image head(s) {', '.join(unknown_heads)}, which model={model_name} "
+                f"does not have (model.heads: {have}); add them to model.heads, e.g. "
+                f"'model.heads={{{unknown_heads[0]}: {{pool: attn}}}}', or drop the terms' image keys")
         unknown_roles = sorted({name[len("text_"):].removesuffix("_valid") for name in missing
                                 if name.startswith("text_") and name not in OUTPUTS})
         if unknown_roles:
@@ -184,19 +227,59 @@ class ContrastiveObjective(nn.Module):
     def _drop(self) -> int:
         return self.drop_last if self.training else 0  # TailDrop is off in eval
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """[b,3,H,W] -> [b,D] float32, L2-normalized (the loss math always runs in fp32)."""
+    def encode_image(self, images: torch.Tensor, head: str = SEMANTIC) -> torch.Tensor:
+        """[b,3,H,W] -> [b,D] float32, L2-normalized (the loss math always runs in fp32), by image
+        head `head` (`model.heads`; the semantic head is the tower's own)."""
+        if head != SEMANTIC:
+            return self.encode_image_heads(images, (head,))[head]
         images = images.to(self._tower_dtype())
         if self._drop() and is_vision_transformer(self.model.visual):
             pooled, _ = encode_image_parts(self.model.visual, images, self._drop())
         else:
             pooled = self.model.encode_image(images)
-        return F.normalize(pooled.float(), dim=-1)
+        return F.normalize(_loss_precision(pooled), dim=-1)
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[b,L] long -> [b,D] float32, L2-normalized. A causal CLIP text tower runs only up to the
-        batch's last real token (`encode_text_pooled`: exact, and most positions are pads)."""
-        return F.normalize(encode_text_pooled(self.model, tokens, self.pad_id).float(), dim=-1)
+    def encode_image_heads(self, images: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """[b,3,H,W] -> {head: [b,D] float32, L2-normalized}: the trunk runs once (TailDrop and FLIP's
+        patch dropout act on it, so every head sees the same tokens) and each head pools its output."""
+        if tuple(heads) == (SEMANTIC,):
+            return {SEMANTIC: self.encode_image(images)}
+        visual = self.model.visual
+        x = tail_drop(visual.transformer(visual._embeds(images.to(self._tower_dtype()))), self._drop())
+        out = {}
+        for head in heads:
+            if head == SEMANTIC:
+                pooled = visual._pool(x)[0] @ visual.proj
+            else:
+                pooled = self.model.heads[head](x)
+            out[head] = F.normalize(_loss_precision(pooled), dim=-1)
+        return out
+
+    def _text_projection(self, head: str):
+        """The text projection that head `head` scores texts with; None: the model's own."""
+        if head == SEMANTIC:
+            return None
+        return self.model.heads[head].text_projection
+
+    def encode_text(self, tokens: torch.Tensor, head: str = SEMANTIC) -> torch.Tensor:
+        """[b,L] long -> [b,D] float32, L2-normalized, in the space of image head `head`. A causal CLIP
+        text tower runs only up to the batch's last real token (`encode_text_pooled`: exact, and most
+        positions are pads)."""
+        return self.encode_text_heads(tokens, (head,))[head]
+
+    def encode_text_heads(self, tokens: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """[b,L] long -> {head: [b,D] float32, L2-normalized}: one text tower pass, then each head's
+        text projection (its own, or the model's shared one)."""
+        if all(self._text_projection(head) is None for head in heads):
+            shared = F.normalize(_loss_precision(encode_text_pooled(self.model, tokens, self.pad_id)), dim=-1)
+            return {head: shared for head in heads}
+        pooled = text_pooled_unprojected(self.model, tokens, self.pad_id)
+        out = {}
+        for head in heads:
+            projection = self._text_projection(head)
+            projection = self.model.text_projection if projection is None else projection
+            out[head] = F.normalize(_loss_precision(project_text(projection, pooled)), dim=-1)
+        return out
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[b,3,H,W] -> [b,N,D] float32 patch-token features, each L2-normalized."""
@@ -208,10 +291,18 @@ class ContrastiveObjective(nn.Module):
         features, mask = text_token_features(self.model, tokens, self.pad_id)
         return F.normalize(features.float(), dim=-1), mask
 
-    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[b,K,L] long -> [b,K,D] float32, L2-normalized: the K texts of each sample in one tower call."""
+    def encode_texts(self, tokens: torch.Tensor, heads: tuple[str, ...] = (SEMANTIC,)) -> dict[str, torch.Tensor]:
+        """[b,K,L] long -> {head: [b,K,D] float32, L2-normalized}: the K texts of each sample in one
+        tower call, projected for each head in `heads`."""
         b, k, length = tokens.shape
-        return self.encode_text(tokens.reshape(b * k, length)).reshape(b, k, -1)
+        flat = self.encode_text_heads(tokens.reshape(b * k, length), heads)
+        return {head: features.reshape(b, k, -1) for head, features in flat.items()}
+
+    @staticmethod
+    def _heads_of(needs: tuple[str, ...], base: str) -> tuple[str, ...]:
+        """The heads whose version of output `base` `needs` names, in a fixed order."""
+        return tuple(sorted({split_head(name)[1] for name in needs if split_head(name)[0] == base},
+                            key=lambda head: (head != SEMANTIC, head)))
 
     def outputs(self, batch: Mapping[str, torch.Tensor], needs: tuple[str, ...]) -> dict:
         """The named model outputs in `needs` (see OUTPUTS and `role_outputs`) for one batch."""
@@ -227,6 +318,14 @@ class ContrastiveObjective(nn.Module):
             out.update(image_tokens=self.encode_image_tokens(images), image_mask=None)
         if "text_tokens" in needs:
             out["text_tokens"], out["text_mask"] = self.encode_text_tokens(tokens)
+        # Every head's pooled features from one trunk pass and one text tower pass.
+        image_heads, text_heads = self._heads_of(needs, "image"), self._heads_of(needs, "text")
+        if image_heads and image_heads != (SEMANTIC,) and "image" not in out:
+            for head, features in self.encode_image_heads(images, image_heads).items():
+                out[head_output("image", head)] = features
+        if text_heads and text_heads != (SEMANTIC,) and "text" not in out:
+            for head, features in self.encode_text_heads(tokens, text_heads).items():
+                out[head_output("text", head)] = features
         if "image" in needs and "image" not in out:
             out["image"] = self.encode_image(images)
         if "text" in needs and "text" not in out:
@@ -235,8 +334,10 @@ class ContrastiveObjective(nn.Module):
             out["teacher_image"], out["teacher_text"], out["teacher_logit_scale"] = \
                 self._teacher.features(images, tokens)
         for name in self.role_features():
-            if name in needs:
-                out[name] = self.encode_texts(batch[name])
+            heads = self._heads_of(needs, name)
+            if heads:
+                for head, features in self.encode_texts(batch[name], heads).items():
+                    out[head_output(name, head)] = features
             if f"{name}_valid" in needs:
                 out[f"{name}_valid"] = batch[f"{name}_valid"].bool()
         return {name: out[name] for name in needs}

@@ -43,6 +43,7 @@ from clipkit.eval.suite import EvalSetSpec, EvalSuite, build_eval_specs, build_s
 from clipkit.eval.text_context import check_text_context
 from clipkit.loggers import MetricLoggers, build_loggers
 from clipkit.models import ModelBundle, build_model, build_teacher_model, compile_towers, lock_towers, open_clip_config
+from clipkit.models.heads import add_image_heads, parse_heads
 from clipkit.models.positions import check_text_length
 from clipkit.objective import ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
@@ -120,11 +121,12 @@ def _section(schema: type, node: Any, path: str) -> Any:
 
 
 def build_towers(model_cfg: DictConfig) -> ModelBundle:
-    """`model:` section -> open_clip towers (LiT locks, FLIP patch dropout and activation
-    checkpointing applied), transforms and tokenizer."""
+    """`model:` section -> open_clip towers (extra image heads, LiT locks, FLIP patch dropout and
+    activation checkpointing applied), transforms and tokenizer."""
     bundle = build_model(model_cfg.name, pretrained=model_cfg.pretrained, config=_plain(model_cfg.config),
                          patch_dropout=model_cfg.patch_dropout, context_length=model_cfg.get("context_length"),
                          pos_stretch=_section(PosStretchConfig, model_cfg.get("pos_stretch"), "model.pos_stretch"))
+    add_image_heads(bundle.model, parse_heads(_plain(model_cfg.get("heads"))), bundle.name)
     lock_towers(bundle.model, image=_section(LockImageConfig, model_cfg.lock_image, "model.lock_image"),
                 text=_section(LockTextConfig, model_cfg.lock_text, "model.lock_text"))
     if model_cfg.grad_checkpointing:

@@ -88,6 +88,7 @@ class ModelConfig:
     teacher: Any = None               # TeacherConfig or None (loss=distill)
     context_length: Optional[int] = None   # text positions; null: the architecture's (Long-CLIP: 248)
     pos_stretch: Any = None           # PosStretchConfig or None (its defaults): pretrained positions -> context_length
+    heads: Any = None                 # extra image heads {name: {pool, attn_heads, text_projection}}; null: one head
 
 
 @dataclass

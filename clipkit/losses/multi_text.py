@@ -34,7 +34,10 @@ from clipkit.losses.fused import check_impl, multi_positive_clip_loss, multi_pos
 from clipkit.losses.logit_scale import LogitScale
 
 FORMS = ("softmax", "sigmoid")
-TERM_KEYS = ("texts", "weight", "negatives", "negative_scope")
+TERM_KEYS = ("texts", "weight", "negatives", "negative_scope", "image")
+# The image head a term scores when it names none: the tower's own pooled projection
+# (clipkit.models.heads.SEMANTIC; repeated here so that the loss does not import the models).
+SEMANTIC = "semantic"
 # Roles whose outputs `text_<role>` would collide with the objective's existing outputs.
 RESERVED_ROLES = ("tokens", "mask")
 
@@ -78,9 +81,13 @@ def parse_terms(terms) -> dict[str, dict]:
         if scope not in NEGATIVE_SCOPES:
             raise ClipkitConfigError(f"loss.terms.{name}.negative_scope must be all or own, got {scope!r}")
         negatives = spec.get("negatives")
+        image = spec.get("image", SEMANTIC)
+        if not isinstance(image, str) or not image.isidentifier():
+            raise ClipkitConfigError(f"loss.terms.{name}.image must name an image head (semantic or a model.heads "
+                                     f"name), got {image!r}")
         parsed[name] = {"texts": _role(name, "texts", spec["texts"]), "weight": float(weight),
                         "negatives": None if negatives is None else _role(name, "negatives", negatives),
-                        "negative_scope": scope}
+                        "negative_scope": scope, "image": image}
     positives = {t["texts"] for t in parsed.values()}
     for name, term in parsed.items():
         if term["negatives"] in positives:
@@ -89,11 +96,29 @@ def parse_terms(terms) -> dict[str, dict]:
     return parsed
 
 
+def _at(name: str, head: str) -> str:
+    """Output `name` as scored by image head `head` (`clipkit.objective.head_output`)."""
+    return name if head == SEMANTIC else f"{name}@{head}"
+
+
 def needs_of(terms: dict[str, dict]) -> tuple[str, ...]:
-    """The model outputs the terms take: "image", then every role's `text_<r>` and
-    `text_<r>_valid`, sorted and without repeats."""
-    roles = {t["texts"] for t in terms.values()} | {t["negatives"] for t in terms.values() if t["negatives"]}
-    return ("image", *sorted({f"text_{r}" for r in roles} | {f"text_{r}_valid" for r in roles}))
+    """The model outputs the terms take: each scored head's image features (`image`, `image@<head>`),
+    then every role's features in that head's text space (`text_<r>`, `text_<r>@<head>`) and its
+    mask `text_<r>_valid`, sorted and without repeats."""
+    images, texts, masks = set(), set(), set()
+    for t in terms.values():
+        images.add(_at("image", t["image"]))
+        for role in (t["texts"], t["negatives"]):
+            if role is not None:
+                texts.add(_at(f"text_{role}", t["image"]))
+                masks.add(f"text_{role}_valid")
+    first = ["image"] if "image" in images else []
+    return (*first, *sorted(images - {"image"}), *sorted(texts | masks))
+
+
+def term_heads(terms: dict[str, dict]) -> tuple[str, ...]:
+    """The image heads the terms score, the semantic head first."""
+    return tuple(sorted({t["image"] for t in terms.values()}, key=lambda head: (head != SEMANTIC, head)))
 
 
 class MultiTextLoss(nn.Module):
@@ -129,23 +154,43 @@ class MultiTextLoss(nn.Module):
         self.needs = needs_of(self.terms)
         self.form, self.impl, self.chunk = form, impl, parse_chunk_size(chunk_size)
         bias = (-10.0 if init_logit_bias is None else float(init_logit_bias)) if form == "sigmoid" else None
-        self.temperature = LogitScale(init_logit_scale, max_logit_scale, learn_logit_scale, init_bias=bias)
+        heads = term_heads(self.terms)
+        # One LogitScale per image head: the semantic head's is `temperature` (the state keys of a
+        # one-head loss), every other head's `head_temperatures.<head>`, each with its own cap.
+        if SEMANTIC in heads:
+            self.temperature = LogitScale(init_logit_scale, max_logit_scale, learn_logit_scale, init_bias=bias)
+        extra = [head for head in heads if head != SEMANTIC]
+        if extra:
+            self.head_temperatures = nn.ModuleDict({
+                head: LogitScale(init_logit_scale, max_logit_scale, learn_logit_scale, init_bias=bias)
+                for head in extra})
+
+    def head_temperature(self, head: str) -> LogitScale:
+        """The LogitScale of image head `head`."""
+        return self.temperature if head == SEMANTIC else self.head_temperatures[head]
 
     def forward(self, **outputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """outputs: `image` [b, D] and, per role r, `text_<r>` [b, K_r, D], `text_<r>_valid` [b, K_r]
-        -> (rank loss, metrics)."""
-        scale, bias = self.temperature()
+        """outputs: per scored head h, `image` / `image@h` [b, D] and, per role r, `text_<r>` /
+        `text_<r>@h` [b, K_r, D], and `text_<r>_valid` [b, K_r] -> (rank loss, metrics)."""
         metrics, total = {}, None
+        temperatures = {head: self.head_temperature(head)() for head in term_heads(self.terms)}
+        for head in temperatures:
+            suffix = "" if head == SEMANTIC else f"_{head}"
+            for key, value in self.head_temperature(head).metrics().items():
+                metrics[f"{key}{suffix}"] = value
         for name, term in self.terms.items():
+            head = term["image"]
+            scale, bias = temperatures[head]
             options = {"impl": self.impl, "chunk": self.chunk, "negative_scope": term["negative_scope"]}
             if term["negatives"] is not None:
-                options["negatives"] = outputs[f"text_{term['negatives']}"]
+                options["negatives"] = outputs[_at(f"text_{term['negatives']}", head)]
                 options["negatives_valid"] = outputs[f"text_{term['negatives']}_valid"]
-            image, text, valid = outputs["image"], outputs[f"text_{term['texts']}"], outputs[f"text_{term['texts']}_valid"]
+            image, text = outputs[_at("image", head)], outputs[_at(f"text_{term['texts']}", head)]
+            valid = outputs[f"text_{term['texts']}_valid"]
             if self.form == "softmax":
                 value = multi_positive_clip_loss(image, text, valid, scale, **options)
             else:
                 value = multi_positive_siglip_loss(image, text, valid, scale, bias, **options)
             metrics[f"loss_{name}"] = value.detach()
             total = term["weight"] * value if total is None else total + term["weight"] * value
-        return total, {**self.temperature.metrics(), **metrics}
+        return total, metrics

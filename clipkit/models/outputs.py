@@ -63,12 +63,16 @@ def _text_positions(model: nn.Module, text: torch.Tensor) -> torch.Tensor:
     return model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
 
 
-def _project_text(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """[..., w] -> [..., D] by the text tower's projection (a Linear or a matrix), if it has one."""
-    projection = model.text_projection
+def project_text(projection: nn.Module | torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """[..., w] -> [..., D] by a text projection (a Linear or a matrix); None leaves x as it is."""
     if projection is None:
         return x
     return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+def _project_text(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[..., w] -> [..., D] by the text tower's own projection, if it has one."""
+    return project_text(model.text_projection, x)
 
 
 def text_token_features(model: nn.Module, text: torch.Tensor, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,3 +124,13 @@ def encode_text_pooled(model: nn.Module, text: torch.Tensor, pad_id: int = 0) ->
     pooled = text_global_pool(_text_positions(model, text), text, model.text_pool_type,
                               eos_token_id=getattr(model, "text_eos_id", None))
     return _project_text(model, pooled)
+
+
+def text_pooled_unprojected(model: nn.Module, text: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """[b, L] token ids -> [b, w] pooled text features of a CLIP text tower before any projection
+    (so that several heads' projections share one tower pass), trimmed as `encode_text_pooled`."""
+    length = trimmable_text_length(model, text, pad_id)
+    if length is not None:
+        text = text[:, :length]
+    return text_global_pool(_text_positions(model, text), text, model.text_pool_type,
+                            eos_token_id=getattr(model, "text_eos_id", None))

@@ -146,7 +146,8 @@ def test_demo_experiment_with_siglip(digits_root):
 
 @pytest.mark.parametrize("override,expected", [
     ("data.train_urls='/nonexistent/{00000..00003}.tar'", "shard not found: /nonexistent/00000.tar"),
-    ("loss=focal", "Could not find 'loss/focal'; Available options in 'loss': clip; coca; distill; filip; multi_text; multi_text_sigmoid; siglip"),
+    ("loss=focal", "Could not find 'loss/focal'; Available options in 'loss': clip; coca; distill; filip; "
+                   "multi_text; multi_text_sigmoid; siglip"),
     ("trainer.max_stpes=5", "trainer.max_stpes is not a key of trainer; did you mean trainer.max_steps?"),
     ("eval.search.index=annoy", "eval.search.index='annoy'"),
     ("eval.cache_dir=/tmp/emb", "eval.cache_dir is for clipkit-eval"),
