@@ -41,6 +41,29 @@ def load_open_clip(model_name: str, pretrained: str | None, device: torch.device
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
+class ExportedHeads:
+    """A run's per-head open_clip exports (`clipkit-export`: the semantic head in the folder, each
+    extra head in `<folder>/<head>/`) scored as one model: `encode_image(images, head)` and
+    `encode_text(tokens, head)` call that head's open_clip model; everything else is the semantic one's."""
+
+    def __init__(self, objectives: dict):
+        self.by_head = objectives
+
+    def heads(self) -> tuple[str, ...]:
+        return tuple(self.by_head)
+
+    def encode_image(self, images: torch.Tensor, head: str = "semantic") -> torch.Tensor:
+        return self.by_head[head].encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor, head: str = "semantic") -> torch.Tensor:
+        return self.by_head[head].encode_text(tokens)
+
+    def __getattr__(self, name: str):
+        if name == "by_head":
+            raise AttributeError(name)
+        return getattr(self.by_head["semantic"], name)
+
+
 def run_loss_needs(run_dir: RunDir | None) -> tuple[str, ...]:
     """The model outputs the run's loss trained on (its class's `needs`), read from the run's
     config without building the loss; () for an open_clip model."""
@@ -99,7 +122,7 @@ def init_distributed() -> distributed.DistInfo:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     from clipkit.eval.runner import write_summary
     from clipkit.eval.scoring import build_scorer
-    from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config
+    from clipkit.eval.suite import EvalSuite, build_eval_specs, build_search_config, check_heads, model_heads
     from clipkit.eval.text_context import check_text_context
     from clipkit.objective import ContrastiveObjective
 
@@ -121,14 +144,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             model_name, pretrained = cfg.model_name, cfg.pretrained
             label = model_name if pretrained is None else f"{model_name}-{Path(str(pretrained)).name}"
         model, preprocess, tokenizer = load_open_clip(model_name, pretrained, device)
+        scored = ContrastiveObjective(model, loss=None)
+        if run_dir is not None:
+            # A run with extra image heads (model.heads) was exported once per head: each loads as itself.
+            extra = {folder.name: ContrastiveObjective(load_open_clip(f"local-dir:{folder}", None, device)[0], loss=None)
+                     for folder in sorted(weights.parent.iterdir()) if (folder / "open_clip_config.json").is_file()}
+            if extra:
+                scored = ExportedHeads({"semantic": scored, **extra})
     check_text_context(specs, model)   # a set's context_length beyond the model's positions: one line, now
+    check_heads(specs, model_heads(scored))
     # One folder of CLIP_benchmark JSONs per scored model, so evals of several models (or of one
     # architecture with several weight files) into one out_dir never overwrite each other.
     suite = EvalSuite(specs, preprocess=preprocess, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
                       out_dir=Path(cfg.out_dir) / result_folder(label), model_name=label,
                       pretrained=str(pretrained or label),
                       search=search, cache_dir=cfg.eval.cache_dir, scorer=scorer)
-    metrics = suite.run(ContrastiveObjective(model, loss=None), device=device, tag=checkpoint_tag(run_dir, pretrained))
+    metrics = suite.run(scored, device=device, tag=checkpoint_tag(run_dir, pretrained))
     if dist.is_main:
         write_summary(cfg.out_dir, label, suite.last_results)
         print(suite.results_table(), flush=True)

@@ -39,11 +39,18 @@ from clipkit.errors import ClipkitConfigError
 from clipkit.eval.budget import EvalBudget
 from clipkit.eval.runner import SearchConfig
 from clipkit.eval.scoring import build_scorer
-from clipkit.eval.suite import EvalSetSpec, EvalSuite, build_eval_specs, build_search_config, check_captioning
+from clipkit.eval.suite import (
+    EvalSetSpec,
+    EvalSuite,
+    build_eval_specs,
+    build_search_config,
+    check_captioning,
+    check_heads,
+)
 from clipkit.eval.text_context import check_text_context
 from clipkit.loggers import MetricLoggers, build_loggers
 from clipkit.models import ModelBundle, build_model, build_teacher_model, compile_towers, lock_towers, open_clip_config
-from clipkit.models.heads import add_image_heads, parse_heads
+from clipkit.models.heads import add_image_heads, head_names, parse_heads
 from clipkit.models.positions import check_text_length
 from clipkit.objective import ContrastiveObjective, Teacher
 from clipkit.plots import plot_training_curves
@@ -321,6 +328,7 @@ def build_run(cfg: DictConfig, inputs: Inputs, dist: distributed.DistInfo) -> Ru
     bundle = build_towers(cfg.model)
     check_captioning(inputs.eval_specs, bundle.model, zero_stage=cfg.trainer.zero_stage, world_size=dist.world_size)
     check_text_context(inputs.eval_specs, bundle.model)   # before any step: a too-long set fails now, not at eval
+    check_heads(inputs.eval_specs, head_names(bundle.model))
     roles = roles_from_config(cfg.data.get("texts")) or ()
     loss = build_loss(cfg.loss, bundle, positive_roles=tuple(role.name for role in roles if not role.negative))
     objective = build_objective(cfg.model, bundle, loss, max_steps=cfg.trainer.max_steps, seed=cfg.seed,

@@ -193,6 +193,12 @@ class EvalSetConfig:
     # (the caption source's texts after the first, CLIP_benchmark's [true, negative, ...] order).
     negatives_source: str = "json:negatives"
     context_length: Optional[int] = None   # tokens per caption of this set; None: the model's
+    # The caption level of the set: short (alt-text, class prompts) or long (dense captions). With
+    # extra image heads (model.heads) a long set is scored first by the `perceptual` head.
+    captions: str = "short"
+    # Image heads that score the set (model.heads; semantic is the tower's own); null: every head
+    # of the model, the level's head first. Each head after the first reports as <set>@<head>.
+    heads: Optional[List[str]] = None
 
 
 @dataclass

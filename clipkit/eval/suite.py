@@ -39,6 +39,7 @@ from clipkit.eval.runner import (
 from clipkit.eval.scoring import LateInteraction, PooledCosine, Scorer
 from clipkit.eval.text_context import check_text_context, model_text_positions, set_tokenizer
 from clipkit.eval.zeroshot import classifier_key, zeroshot_classifier
+from clipkit.models.heads import SEMANTIC
 from clipkit.schema import EvalSetConfig, load_section
 
 # clip_benchmark: a directory in CLIP_benchmark's webdataset layout (its --dataset_root), read as urls.
@@ -53,6 +54,9 @@ DEFAULT_TASKS = {"classification": ["zeroshot_classification"], "retrieval": ["r
 # Texts per text-tower call for the zero-shot head: on CPU the tiny tower ran 3x faster per
 # prompt at 2,048 than at 256 (eager per-call overhead); a prompt batch holds no images.
 ZEROSHOT_TEXT_BATCH = 1024
+# A set's caption level and the image head (`model.heads`) that scores it first when the model has it.
+CAPTION_LEVELS = ("short", "long")
+LEVEL_HEAD = {"short": SEMANTIC, "long": "perceptual"}
 # The parts of one set's eval time (`EvalSuite.last_timings`), in the order they are reported.
 TIME_PARTS = ("decode", "image_tower", "text_tower", "search_and_ranks")
 TIME_PART_NAMES = {"decode": "decode", "image_tower": "image tower", "text_tower": "text tower",
@@ -106,6 +110,8 @@ class EvalSetSpec:
     caption_beams: int = 1  # captioning task: 1 = greedy decoding, > 1 = beam search of that width
     texts: EvalTexts = field(default_factory=EvalTexts)  # shards: caption (and selection negatives) sources
     context_length: int | None = None   # tokens per caption; None: the tokenizer's (the model's) own
+    captions: str = "short"             # the caption level: short or long (picks the first head)
+    heads: list[str] | None = None      # image heads that score it; None: all of the model's
 
 
 def _source_of(name: str, s: EvalSetConfig) -> str:
@@ -173,9 +179,15 @@ def build_eval_specs(sets_cfg: Any) -> list[EvalSetSpec]:
         beams = s.caption_beams
         if beams < 1:
             raise ClipkitConfigError(f"eval.sets.{name}.caption_beams must be >= 1, got {beams}")
+        if s.captions not in CAPTION_LEVELS:
+            raise ClipkitConfigError(f"eval.sets.{name}.captions={s.captions!r} is not one of "
+                                     f"{', '.join(CAPTION_LEVELS)}")
+        heads = None if s.heads is None else list(s.heads)
+        if heads is not None and (not heads or len(set(heads)) != len(heads)):
+            raise ClipkitConfigError(f"eval.sets.{name}.heads must list distinct image heads (or be null), got {heads}")
         specs.append(EvalSetSpec(name, urls, tasks, classnames and list(classnames),
                                  templates and list(templates), source, path, reader_args, beams,
-                                 texts, s.context_length))
+                                 texts, s.context_length, s.captions, heads))
     return specs
 
 
@@ -213,6 +225,40 @@ def check_captioning(specs: list[EvalSetSpec], model: nn.Module, *, zero_stage: 
         raise ClipkitConfigError(f"eval.sets.{names[0]}.tasks has captioning, which cannot run under ZeRO-3 on "
                                  f"{world_size} ranks (decoding steps differ per rank); use trainer.zero_stage<=2 "
                                  "or score the export with clipkit-eval")
+
+
+def model_heads(objective: Any) -> tuple[str, ...]:
+    """The image heads an objective (or `clipkit.evaluate`'s per-head exports) can score with."""
+    heads = getattr(objective, "heads", None)
+    return tuple(heads()) if callable(heads) else (SEMANTIC,)
+
+
+def set_heads(spec: EvalSetSpec, heads: tuple[str, ...]) -> list[str]:
+    """The heads that score `spec`, the first one reported as the set itself: the set's `heads`, or
+    every head of the model with its caption level's head (`LEVEL_HEAD`) first when the model has it."""
+    if spec.heads is not None:
+        return list(spec.heads)
+    first = LEVEL_HEAD[spec.captions] if LEVEL_HEAD[spec.captions] in heads else SEMANTIC
+    return [first, *(head for head in heads if head != first)]
+
+
+def check_heads(specs: list[EvalSetSpec], heads: tuple[str, ...]) -> None:
+    """Refuses, in one line and before anything runs, a set that names a head the model lacks."""
+    for spec in specs:
+        missing = [head for head in spec.heads or () if head not in heads]
+        if missing:
+            raise ClipkitConfigError(f"eval.sets.{spec.name}.heads names {', '.join(missing)}, which the model does "
+                                     f"not have (its heads: {', '.join(heads)}; model.heads adds more)")
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two embeddings of the same n items, [n, d1] and [n, d2]:
+    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with Xc, Yc centred over the items; in float64.
+    1 for embeddings equal up to rotation and isotropic scale, near 0 for unrelated ones."""
+    x = x.double() - x.double().mean(dim=0)
+    y = y.double() - y.double().mean(dim=0)
+    cross = (y.T @ x).square().sum()
+    return float(cross / ((x.T @ x).square().sum().sqrt() * (y.T @ y).square().sum().sqrt()))
 
 
 def build_search_config(eval_cfg: Any) -> SearchConfig:
@@ -258,17 +304,20 @@ class EvalSuite:
         """The set's tokenizer: at its `context_length` (padded to the model's positions), else the model's."""
         return set_tokenizer(self.tokenizer, spec.context_length, model_text_positions(objective))
 
-    def _encoders(self, objective: nn.Module, device: torch.device, spec: EvalSetSpec, text_batch: int | None = None):
-        """(encode_image, encode_text), timed; texts go through the tower `text_batch` (default
-        `batch_size`) at a time."""
+    def _encoders(self, objective: nn.Module, device: torch.device, spec: EvalSetSpec, text_batch: int | None = None,
+                  head: str = SEMANTIC):
+        """(encode_image, encode_text) of image head `head` and its text projection, timed; texts go
+        through the tower `text_batch` (default `batch_size`) at a time."""
         tokenizer = self._tokenizer(spec, objective)
         text_batch = text_batch or self.batch_size
+        # Only an extra head is named: a one-head objective (or a bare open_clip wrapper) is called as before.
+        by_head = {} if head == SEMANTIC else {"head": head}
 
         def encode_image(images: torch.Tensor) -> torch.Tensor:
-            return objective.encode_image(images.to(device))
+            return objective.encode_image(images.to(device), **by_head)
 
         def encode_text(texts: list[str]) -> torch.Tensor:
-            return torch.cat([objective.encode_text(tokenizer(texts[i:i + text_batch]).to(device))
+            return torch.cat([objective.encode_text(tokenizer(texts[i:i + text_batch]).to(device), **by_head)
                               for i in range(0, len(texts), text_batch)])
         return self._timed(encode_image, encode_text)
 
@@ -359,23 +408,35 @@ class EvalSuite:
         device = torch.device(device)
         tag = tag if tag is not None else (f"step_{step}" if step is not None else None)
         check_text_context(self.specs, objective)
+        heads = model_heads(objective)
+        check_heads(self.specs, heads)
         results: dict[str, dict[str, dict[str, float]]] = {}
         self.last_timings = {}
         for spec in self.specs:
             self._watch = Stopwatch(device)
-            encode_image, encode_text = self._encoders(objective, device, spec)
             tasks = [t for t in spec.tasks if t != "captioning"]
             if isinstance(self.scorer, LateInteraction):
                 results[spec.name] = self._late_interaction(spec, objective, device, tag)
             else:
-                # Prompts are short and carry no images: the head runs in larger text batches.
-                head_text = self._encoders(objective, device, spec, ZEROSHOT_TEXT_BATCH)[1]
-                classifier = (self._classifier(spec, head_text, objective, tag)
-                              if "zeroshot_classification" in tasks else None)
-                emb = self._embedded(spec, encode_image, encode_text, device, tag)
-                with self._watch_part("search_and_ranks"):
-                    results[spec.name] = evaluate_embedded(emb, tasks=tasks, classifier=classifier,
-                                                           search=self.search)
+                # With several image heads each scores the whole set; the first is reported as the set.
+                images = {}
+                for i, head in enumerate(set_heads(spec, heads)):
+                    name = spec.name if i == 0 else f"{spec.name}@{head}"
+                    head_tag = tag if tag is None or head == SEMANTIC else f"{tag}@{head}"
+                    encode_image, encode_text = self._encoders(objective, device, spec, head=head)
+                    # Prompts are short and carry no images: the head runs in larger text batches.
+                    head_text = self._encoders(objective, device, spec, ZEROSHOT_TEXT_BATCH, head=head)[1]
+                    classifier = (self._classifier(spec, head_text, objective, head_tag)
+                                  if "zeroshot_classification" in tasks else None)
+                    emb = self._embedded(spec, encode_image, encode_text, device, head_tag)
+                    with self._watch_part("search_and_ranks"):
+                        results[name] = evaluate_embedded(emb, tasks=tasks, classifier=classifier,
+                                                          search=self.search)
+                    images[head] = emb.image_emb
+                if len(images) > 1:
+                    # How alike the heads' image embeddings are on this set's images (1: the same up to rotation).
+                    (first, x), *others = images.items()
+                    results[spec.name]["heads"] = {f"linear_cka_{first}_{head}": linear_cka(x, y) for head, y in others}
             if "captioning" in spec.tasks:
                 results[spec.name]["captioning"] = self._captioning(spec, objective, device)
             self.last_timings[spec.name] = dict(self._watch.seconds)
