@@ -3,6 +3,7 @@ with and without hard negatives, several seeds each, scored on the held-out digi
 
     python benchmarks/captions_demo.py --seeds 0 1 2            # 3 recipes x 3 seeds, then the table
     python benchmarks/captions_demo.py --table-only              # re-print the table from finished runs
+    python benchmarks/captions_demo.py --heads --seeds 0 1 2     # short-only, one shared head, two heads
 
 Each run is `clipkit-train experiment=<recipe> seed=<s>` (conf/experiment/captions_digits_*.yaml) in
 --root (CLIPKIT_ROOT; the shards are written there first with `clipkit-shards digits-captions`); a
@@ -31,6 +32,22 @@ METRICS = {
     "long R@1 image->text": "digits_long/text_retrieval_recall@1",
     "long R@1 text->image": "digits_long/image_retrieval_recall@1",
     "selection acc": "digits_selection/acc",
+}
+# --heads (issue 20): the decoupled pathways against one shared head and short-only training. Each metric
+# names the head that scores it; a one-head run has only its tower's head, which then serves both tasks
+# (the fallback key), and no CKA.
+HEAD_RECIPES = ("captions_digits_short", "captions_digits_long", "captions_digits_heads")
+HEAD_METRICS = {
+    "zero-shot top-1 (semantic)": ("digits/acc1", "digits/acc1"),
+    "long R@1 image->text (perceptual)": ("digits_long/text_retrieval_recall@1",) * 2,
+    "long R@1 text->image (perceptual)": ("digits_long/image_retrieval_recall@1",) * 2,
+    "selection acc (perceptual)": ("digits_selection/acc",) * 2,
+    "zero-shot top-1 (perceptual: cross-use)": ("digits@perceptual/acc1", "digits/acc1"),
+    "long R@1 image->text (semantic: cross-use)": ("digits_long@semantic/text_retrieval_recall@1",
+                                                   "digits_long/text_retrieval_recall@1"),
+    "long R@1 text->image (semantic: cross-use)": ("digits_long@semantic/image_retrieval_recall@1",
+                                                   "digits_long/image_retrieval_recall@1"),
+    "linear CKA semantic/perceptual": ("digits/linear_cka_semantic_perceptual", None),
 }
 BIN = Path(sys.executable).parent
 
@@ -70,12 +87,24 @@ def train(root: Path, recipe: str, seed: int, extra: list[str], threads: int | N
     return time.perf_counter() - start
 
 
+def head_metrics(final: dict[str, float]) -> dict[str, float | None]:
+    """HEAD_METRICS of one run's final eval: the head's own key, else the one-head fallback."""
+    out = {}
+    for name, (key, fallback) in HEAD_METRICS.items():
+        out[name] = final.get(key, final.get(fallback) if fallback else None)
+    return out
+
+
 def table(results: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
-    lines = [f"| recipe | {' | '.join(METRICS)} |", "|---|" + "---|" * len(METRICS)]
+    names = list(next(iter(results.values()))) if results else []
+    lines = [f"| recipe | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
     for recipe, values in results.items():
         cells = []
-        for name in METRICS:
+        for name in names:
             raw = values[name]
+            if any(v is None for v in raw):
+                cells.append("(one head)")
+                continue
             spread = f" ± {statistics.stdev(raw):.3f}" if len(raw) > 1 else ""
             cells.append(f"{statistics.mean(raw):.3f}{spread} ({', '.join(f'{v:.3f}' for v in raw)})")
         lines.append(f"| {recipe} | {' | '.join(cells)} |")
@@ -87,12 +116,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("outputs/captions_demo_root"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=None, help="default: the three caption recipes "
+                        "(with --heads: short-only, one shared head, two heads)")
+    parser.add_argument("--heads", action="store_true", help="the decoupled-heads table (issue 20)")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each run (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "captions_demo_cpu.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. trainer.max_steps=200)")
     args = parser.parse_args()
+    args.recipes = args.recipes or list(HEAD_RECIPES if args.heads else RECIPES)
+    if args.heads and args.out == parser.get_default("out"):
+        args.out = args.out.with_name("captions_heads_cpu.json")
     root = args.root.resolve()
     shards = root / "data" / "digits_captions"
     if not (shards / "train" / "nshards.txt").exists() and not args.table_only:
@@ -112,7 +146,11 @@ def main() -> None:
         if any(f is None for f in finals):
             print(f"{recipe}: not every seed has finished", file=sys.stderr)
             continue
-        results[recipe] = {name: [f[key] for f in finals] for name, key in METRICS.items()}
+        if args.heads:
+            per_seed = [head_metrics(f) for f in finals]
+            results[recipe] = {name: [m[name] for m in per_seed] for name in HEAD_METRICS}
+        else:
+            results[recipe] = {name: [f[key] for f in finals] for name, key in METRICS.items()}
     print(table(results, args.seeds))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": f"{cpu_name()}, {os.cpu_count()} cores", "date": str(date.today()),

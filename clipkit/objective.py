@@ -182,9 +182,18 @@ class ContrastiveObjective(nn.Module):
 
     def check_outputs(self, loss_name: str, model_name: str, needs: tuple[str, ...]) -> None:
         """Raises a one-line config error naming the model to use when `needs` asks for more
-        than this model gives."""
+        than this model gives, or when the model has an image head that no loss term trains."""
         missing = self.missing_outputs(needs)
         if not missing:
+            scored = {split_head(name)[1] for name in needs if split_head(name)[0] == "image"}
+            unscored = [head for head in self.heads() if head not in scored]
+            if len(self.heads()) > 1 and unscored:
+                # An untrained head would stay at its init, and DeepSpeed expects a gradient for every
+                # trainable parameter.
+                raise ClipkitConfigError(
+                    f"model.heads: no term of loss={loss_name} scores the image head(s) {', '.join(unscored)}; "
+                    f"with several heads use loss=multi_text|multi_text_sigmoid and give each head a term, "
+                    f"e.g. 'loss.terms={{alt: {{texts: alt}}, long: {{texts: long, image: perceptual}}}}'")
             return
         roles = ", ".join(self.text_roles)
         unknown_heads = sorted({split_head(name)[1] for name in missing if split_head(name)[1] not in self.heads()})

@@ -258,6 +258,15 @@ def test_config_mistakes_are_one_line():
         ContrastiveObjective(bundle.model, loss, text_roles=("long",)).check_outputs("multi_text", "x", loss.needs)
     with pytest.raises(ClipkitConfigError, match="must name an image head"):
         MultiTextLoss({"long": {"texts": "long", "image": 3}})
+    from clipkit.losses import ClipLoss
+
+    two = two_head_bundle()
+    with pytest.raises(ClipkitConfigError, match=r"no term of loss=clip scores the image head\(s\) perceptual"):
+        ContrastiveObjective(two.model, ClipLoss()).check_outputs("clip", "x", ClipLoss.needs)
+    only_long = MultiTextLoss({"long": {"texts": "long", "image": "perceptual"}})
+    with pytest.raises(ClipkitConfigError, match=r"scores the image head\(s\) semantic"):
+        ContrastiveObjective(two.model, only_long, text_roles=("long",)).check_outputs("multi_text", "x",
+                                                                                     only_long.needs)
 
 
 def test_needs_name_each_head_and_each_head_has_its_own_temperature():
