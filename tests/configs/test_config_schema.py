@@ -195,8 +195,9 @@ MISSPELT = [
      "logger.wandb.projet is not a key of logger.wandb; did you mean logger.wandb.project?"),
     ("logger.wandb.project=x", "logger.wandb.mode is not set; choose logger=wandb, which sets every key"),
     ("launcher.requeu=true", "launcher.requeu is not a key of launcher; did you mean launcher.requeue?"),
-    ("model.zzz=1", "model.zzz is not a key of model; its keys are config, context_length, grad_checkpointing, lock_image, "
-                    "lock_text, name, patch_dropout, pos_stretch, pretrained, tail_drop_max, teacher, unmasked_tuning_steps"),
+    ("model.zzz=1", "model.zzz is not a key of model; its keys are config, context_length, grad_checkpointing, heads, "
+                    "lock_image, lock_text, name, patch_dropout, pos_stretch, pretrained, tail_drop_max, teacher, "
+                    "unmasked_tuning_steps"),
 ]
 MISTYPED = [
     ("trainer.max_steps=abc", "trainer.max_steps must be an integer, got 'abc'"),
