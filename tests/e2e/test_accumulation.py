@@ -5,7 +5,9 @@ every parameter's gradient (temperature and bias included) and the parameters af
 With several texts per image (data=digits_captions: roles alt, full, long with K=4 sub-captions
 of 32 tokens, neg with K=2 optional hard negatives), every role's features are cached and
 backpropagated: the multi-positive softmax and sigmoid losses, with hard negatives for every
-image (scope all) or their own (scope own), and each term's logged loss, match too. ZeRO 3 is
+image (scope all) or their own (scope own), and each term's logged loss, match too; so do runs
+with a second image head (`model.heads`, terms scoring it with `image: perceptual`), whose
+`...@perceptual` features are cached alike and whose temperature has its own gradient. ZeRO 3 is
 left out: clipkit refuses accum_steps > 1 there (`test_accumulation_refuses_what_it_cannot_do`)."""
 
 from __future__ import annotations
@@ -39,13 +41,20 @@ CASES += [
     (2, [*TEXTS, "loss=multi_text", "trainer.zero_stage=2",
          "loss.terms={alt: {texts: alt}, full: {texts: full, negatives: neg}, long: {texts: long, weight: 2.0}}"]),
 ]
+HEADS = "model.heads={perceptual: {pool: attn, attn_heads: 4}}"   # a second image head, its own temperature
+CASES += [
+    (1, [*TEXTS, HEADS, "loss=multi_text",
+         "loss.terms={alt: {texts: alt}, full: {texts: full, image: perceptual}, long: {texts: long, image: perceptual}}"]),
+    (2, [*TEXTS, HEADS, "loss=multi_text_sigmoid", "trainer.zero_stage=2",
+         "loss.terms={alt: {texts: alt}, long: {texts: long, image: perceptual, negatives: neg}}"]),
+]
 
 
 def _case_id(nproc: int, overrides: list[str]) -> str:
     if TEXTS[0] not in overrides:
         return f"{nproc}p-{'-'.join(overrides)}"
-    kept = [o for o in overrides if o not in TEXTS and not o.startswith("loss.terms=")]
-    return f"{nproc}p-texts-{'-'.join(kept)}"
+    kept = [o for o in overrides if o not in (*TEXTS, HEADS) and not o.startswith("loss.terms=")]
+    return f"{nproc}p-{'two_heads' if HEADS in overrides else 'texts'}-{'-'.join(kept)}"
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
@@ -67,6 +76,9 @@ def test_four_micro_batches_equal_one_batch(tmp_path, digits_root, demo_export, 
     assert scalars, "the loss's temperature must be trained"
     for name, grad in one["grads"].items():
         _close(grad.float(), four["grads"][name].float(), f"grad {name}")
+    if HEADS in overrides:   # both heads are trained, each with its own temperature
+        assert {"loss.temperature.logit_scale", "loss.head_temperatures.perceptual.logit_scale"} <= set(scalars)
+        assert any(n.startswith("model.heads.perceptual.attn_pool.") for n in one["grads"])
     for name in scalars:
         assert float(one["grads"][name].abs().max()) > 0, name
     # Parameters to 1e-5 (absolute, as well as relative): Adam divides by sqrt(v), so for weights

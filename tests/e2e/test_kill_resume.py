@@ -7,7 +7,9 @@ with 2 data workers each; one uninterrupted reference run per configuration serv
 With several texts per image (`1proc_texts`: the captions_digits_negatives recipe, terms over the
 roles alt, full with the hard negatives neg, and long's 4 sub-captions per image), the key log
 (`data.record_keys=true`) of the killed and resumed run also equals the uninterrupted run's: the
-same samples at every step, and for each the same chosen texts of every role.
+same samples at every step, and for each the same chosen texts of every role. `1proc_heads` adds a
+second image head (`model.heads`, scored by the full and long terms) with its own temperature,
+whose logged value resumes bit for bit as well.
 The kill is `kill -9` of every process of the job (launcher, ranks, data workers: `kill_job`) as
 soon as metrics.jsonl shows step k: nothing gets to save or flush on the way down.
 """
@@ -34,6 +36,10 @@ CONFIGS = {
     "2proc_zero2": lambda args: torchrun(2, ["-m", "clipkit.train", *args, "trainer=zero2", "data.workers=2"]),
     "1proc_texts": lambda args: [sys.executable, "-m", "clipkit.train", "experiment=captions_digits_negatives", *args,
                                  "data.workers=1", "data.record_keys=true"],
+    "1proc_heads": lambda args: [sys.executable, "-m", "clipkit.train", "experiment=captions_digits_negatives", *args,
+                                 "model.heads={perceptual: {pool: attn, attn_heads: 4}}",
+                                 "loss.terms={alt: {texts: alt}, full: {texts: full, image: perceptual, negatives: neg}, "
+                                 "long: {texts: long, image: perceptual}}", "data.workers=1"],
 }
 ROLES = {"alt": 1, "full": 1, "long": 4, "neg": 2}   # data=digits_captions: role -> texts per image
 
@@ -45,6 +51,11 @@ def metric_lines(run_dir: Path) -> list[str]:
 def losses(lines: list[str]) -> list[tuple[int, float]]:
     """`(step, train/loss)` of the training records among metrics.jsonl lines."""
     return [(r["step"], r["train/loss"]) for r in map(json.loads, lines) if "train/loss" in r]
+
+
+def perceptual_scales(lines: list[str]) -> list[tuple[int, float]]:
+    """`(step, train/logit_scale_perceptual)`: the second image head's own temperature."""
+    return [(r["step"], r["train/logit_scale_perceptual"]) for r in map(json.loads, lines) if "train/loss" in r]
 
 
 def last_logged_step(run_dir: Path) -> int:
@@ -114,7 +125,7 @@ def check_chosen_texts(records: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("config, seed", [("1proc", 0), ("1proc", 1), ("1proc", 2), ("2proc_zero2", 0),
-                                          ("1proc_texts", 0)])
+                                          ("1proc_texts", 0), ("1proc_heads", 0)])
 def test_a_killed_run_resumes_bit_for_bit(digits_root, reference, config, seed):
     expected = reference(config)
     kill_step = random.Random(f"{config}/{seed}").randint(4, STEPS - 1)   # after the first checkpoint
@@ -137,6 +148,11 @@ def test_a_killed_run_resumes_bit_for_bit(digits_root, reference, config, seed):
         records = key_records(run_dir)
         check_chosen_texts(records)
         assert records == key_records(digits_root / "outputs" / f"straight_{config}")
+    if config == "1proc_heads":   # the perceptual head's temperature resumes bit for bit too
+        straight = dict(perceptual_scales(metric_lines(digits_root / "outputs" / f"straight_{config}")))
+        assert len(set(straight.values())) > 1   # it is trained
+        got = perceptual_scales(before_resume) + perceptual_scales(metric_lines(run_dir)[len(before_resume):])
+        assert got == [(s, straight[s]) for s, _ in got]
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
