@@ -492,7 +492,7 @@ def _write_open_clip(state: dict[str, torch.Tensor], config: dict[str, Any], out
     """One open_clip model folder: weights (.bin and .safetensors) and `open_clip_config.json`."""
     if "logit_bias" in state:
         # open_clip only creates `logit_bias` when the config asks for it (SigLIP models).
-        config = {**config, "model_cfg": {**config["model_cfg"], "init_logit_bias": float(state["logit_bias"])}}
+        config = {**config, "model_cfg": {**config["model_cfg"], "init_logit_bias": float(state["logit_bias"].detach())}}
     check_same_model({k: tuple(v.shape) for k, v in state.items()}, open_clip_state_shapes(config["model_cfg"]),
                      what, config_note)
     out_dir.mkdir(parents=True, exist_ok=True)

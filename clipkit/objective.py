@@ -99,6 +99,27 @@ def _loss_precision(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def check_scored_heads(heads: tuple[str, ...], named: set[str], loss_name: str, model_name: str,
+                       scoring: set[str] | None = None) -> None:
+    """One-line ClipkitConfigError when the loss names an image head the model lacks (`named`: the
+    heads of its outputs) or, with several heads, leaves one unscored (`scoring`: the heads whose
+    image features it reads; default `named`). An untrained head would stay at its init, and
+    DeepSpeed expects a gradient for every trainable parameter."""
+    unknown = sorted(set(named) - set(heads))
+    if unknown:
+        raise ClipkitConfigError(
+            f"loss={loss_name} scores the image head(s) {', '.join(unknown)}, which model={model_name} "
+            f"does not have (model.heads: {', '.join(heads[1:]) or 'none'}); add them to model.heads, e.g. "
+            f"'model.heads={{{unknown[0]}: {{pool: attn}}}}', or drop the terms' image keys")
+    scoring = named if scoring is None else scoring
+    unscored = [head for head in heads if head not in scoring]
+    if len(heads) > 1 and unscored:
+        raise ClipkitConfigError(
+            f"model.heads: no term of loss={loss_name} scores the image head(s) {', '.join(unscored)}; "
+            f"with several heads use loss=multi_text|multi_text_sigmoid and give each head a term, "
+            f"e.g. 'loss.terms={{alt: {{texts: alt}}, long: {{texts: long, image: perceptual}}}}'")
+
+
 class Teacher:
     """A frozen open_clip model for distillation: always eval mode and no grad.
 
@@ -183,26 +204,12 @@ class ContrastiveObjective(nn.Module):
     def check_outputs(self, loss_name: str, model_name: str, needs: tuple[str, ...]) -> None:
         """Raises a one-line config error naming the model to use when `needs` asks for more
         than this model gives, or when the model has an image head that no loss term trains."""
+        check_scored_heads(self.heads(), {split_head(name)[1] for name in needs}, loss_name, model_name,
+                           scoring={split_head(name)[1] for name in needs if split_head(name)[0] == "image"})
         missing = self.missing_outputs(needs)
         if not missing:
-            scored = {split_head(name)[1] for name in needs if split_head(name)[0] == "image"}
-            unscored = [head for head in self.heads() if head not in scored]
-            if len(self.heads()) > 1 and unscored:
-                # An untrained head would stay at its init, and DeepSpeed expects a gradient for every
-                # trainable parameter.
-                raise ClipkitConfigError(
-                    f"model.heads: no term of loss={loss_name} scores the image head(s) {', '.join(unscored)}; "
-                    f"with several heads use loss=multi_text|multi_text_sigmoid and give each head a term, "
-                    f"e.g. 'loss.terms={{alt: {{texts: alt}}, long: {{texts: long, image: perceptual}}}}'")
             return
         roles = ", ".join(self.text_roles)
-        unknown_heads = sorted({split_head(name)[1] for name in missing if split_head(name)[1] not in self.heads()})
-        if unknown_heads:
-            have = ", ".join(self.heads()[1:]) or "none"
-            raise ClipkitConfigError(
-                f"loss={loss_name} scores the image head(s) {', '.join(unknown_heads)}, which model={model_name} "
-                f"does not have (model.heads: {have}); add them to model.heads, e.g. "
-                f"'model.heads={{{unknown_heads[0]}: {{pool: attn}}}}', or drop the terms' image keys")
         unknown_roles = sorted({name[len("text_"):].removesuffix("_valid") for name in missing
                                 if name.startswith("text_") and name not in OUTPUTS})
         if unknown_roles:

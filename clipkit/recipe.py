@@ -50,9 +50,10 @@ from clipkit.eval.suite import (
 from clipkit.eval.text_context import check_text_context
 from clipkit.loggers import MetricLoggers, build_loggers
 from clipkit.models import ModelBundle, build_model, build_teacher_model, compile_towers, lock_towers, open_clip_config
-from clipkit.models.heads import add_image_heads, head_names, parse_heads
+from clipkit.models.factory import meta_model
+from clipkit.models.heads import SEMANTIC, add_image_heads, head_names, parse_heads
 from clipkit.models.positions import check_text_length
-from clipkit.objective import ContrastiveObjective, Teacher
+from clipkit.objective import ContrastiveObjective, Teacher, check_scored_heads
 from clipkit.plots import plot_training_curves
 from clipkit.preemption import Preempted, PreemptionWatch, ignore_preemption_signals, parse_signals, requeue_slurm_job
 from clipkit.run_dir import RunDir, atomic_write_text
@@ -248,6 +249,20 @@ def check_text_roles(data_texts: Any, loss_cfg: DictConfig, model_context: int) 
                                      f"data.texts.{negative.name}.negative=true or name a role of hard negatives")
 
 
+def check_model_heads(model_cfg: DictConfig, loss_cfg: DictConfig) -> None:
+    """`model.heads` against the architecture (on the meta device: no weights) and the loss's terms,
+    before any process starts: the same one-line errors the build would give, without a run directory."""
+    specs = parse_heads(_plain(model_cfg.get("heads")))
+    terms = _plain(loss_cfg.get("terms")) or {}
+    named = {spec.get("image", SEMANTIC) for spec in terms.values() if isinstance(spec, dict)} or {SEMANTIC}
+    if not specs and named == {SEMANTIC}:
+        return
+    arch = _plain(model_cfg.config) if model_cfg.get("config") is not None else open_clip_config(model_cfg.name)
+    model = meta_model(arch)
+    add_image_heads(model, specs, model_cfg.name)
+    check_scored_heads(head_names(model), named, loss_cfg.name, model_cfg.name)
+
+
 def check_inputs(cfg: DictConfig) -> Inputs:
     """Every user input that can be checked without a process group: shard paths, eval sets,
     search and scoring keys, preemption signals, the resume target. Cheap; raises ClipkitConfigError."""
@@ -257,6 +272,7 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     build_scorer(cfg.eval.scoring)
     check_schedule(cfg.sched)
     check_text_roles(cfg.data.get("texts"), cfg.loss, model_text_context(cfg.model))
+    check_model_heads(cfg.model, cfg.loss)
     if cfg.trainer.nonfinite not in NONFINITE_POLICIES:
         raise ClipkitConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r} is not one of "
                                  f"{', '.join(NONFINITE_POLICIES)}")

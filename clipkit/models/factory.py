@@ -79,14 +79,19 @@ def open_clip_config(name: str) -> dict[str, Any]:
     return cfg
 
 
-def open_clip_state_shapes(model_cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """{state-dict key: shape} of the complete open_clip model (logit_scale included) that
-    `model_cfg` describes, built on the meta device: no memory, no weights."""
+def meta_model(model_cfg: dict[str, Any]) -> nn.Module:
+    """The open_clip model that `model_cfg` describes, built on the meta device: no memory, no
+    weights; for checking shapes and structure before anything is built for real."""
     name = "clipkit-shape-check"
     _register_inline_config(name, model_cfg)
     with _without_random_init_warning():
-        model = open_clip.create_model(name, device="meta")
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+        return open_clip.create_model(name, device="meta")
+
+
+def open_clip_state_shapes(model_cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: shape} of the complete open_clip model (logit_scale included) that
+    `model_cfg` describes (`meta_model`)."""
+    return {key: tuple(value.shape) for key, value in meta_model(model_cfg).state_dict().items()}
 
 
 @contextlib.contextmanager

@@ -106,3 +106,4 @@ def test_head_mistakes_are_one_line(digits_root, overrides, expected):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[-1]] and lines[-1].startswith("clipkit-train: error: ") and expected in lines[-1], lines
     assert "DeepSpeed" not in proc.stdout + proc.stderr   # refused before any engine
+    assert not (digits_root / "outputs" / "heads_refused").exists(), "a refused run left a run directory"
