@@ -58,6 +58,12 @@ class ExportedHeads:
     def encode_text(self, tokens: torch.Tensor, head: str = "semantic") -> torch.Tensor:
         return self.by_head[head].encode_text(tokens)
 
+    def encode_image_heads(self, images: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return {head: self.encode_image(images, head) for head in heads}   # one exported model per head
+
+    def encode_text_heads(self, tokens: torch.Tensor, heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return {head: self.encode_text(tokens, head) for head in heads}
+
     def __getattr__(self, name: str):
         if name == "by_head":
             raise AttributeError(name)

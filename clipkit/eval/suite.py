@@ -242,6 +242,21 @@ def set_heads(spec: EvalSetSpec, heads: tuple[str, ...]) -> list[str]:
     return [first, *(head for head in heads if head != first)]
 
 
+def encode_image_heads(objective: Any, images: torch.Tensor, heads: list[str]) -> dict[str, torch.Tensor]:
+    """{head: [b, D] unit vectors}: one trunk pass where the objective has one (`ContrastiveObjective`),
+    else one `encode_image(images, head)` per head."""
+    if hasattr(objective, "encode_image_heads"):
+        return objective.encode_image_heads(images, tuple(heads))
+    return {head: objective.encode_image(images, head=head) for head in heads}
+
+
+def encode_text_heads(objective: Any, tokens: torch.Tensor, heads: list[str]) -> dict[str, torch.Tensor]:
+    """{head: [n, D] unit vectors}: one text tower pass where the objective has one."""
+    if hasattr(objective, "encode_text_heads"):
+        return objective.encode_text_heads(tokens, tuple(heads))
+    return {head: objective.encode_text(tokens, head=head) for head in heads}
+
+
 def check_heads(specs: list[EvalSetSpec], heads: tuple[str, ...]) -> None:
     """Refuses, in one line and before anything runs, a set that names a head the model lacks."""
     for spec in specs:
@@ -362,6 +377,37 @@ class EvalSuite:
             save_embedded(path, emb)
         return emb
 
+    def _heads_embedded(self, spec: EvalSetSpec, objective: Any, device: torch.device, tag: str | None,
+                        heads: list[str]) -> dict[str, EmbeddedSet]:
+        """{head: the gathered set as that head and its text projection embed it}. With several
+        heads the set is read and embedded once: each item's heads' unit vectors are packed side
+        by side ([n, H·D], so the embed, gather and cache path carries them) and split after."""
+        if len(heads) == 1:
+            head_tag = tag if tag is None or heads[0] == SEMANTIC else f"{tag}@{heads[0]}"
+            encode_image, encode_text = self._encoders(objective, device, spec, head=heads[0])
+            return {heads[0]: self._embedded(spec, encode_image, encode_text, device, head_tag)}
+        tokenizer = self._tokenizer(spec, objective)
+
+        def encode_image(images: torch.Tensor) -> torch.Tensor:
+            by_head = encode_image_heads(objective, images.to(device), heads)
+            return torch.cat([by_head[head] for head in heads], dim=-1)
+
+        def encode_text(texts: list[str]) -> torch.Tensor:
+            parts = []
+            for i in range(0, len(texts), self.batch_size):
+                by_head = encode_text_heads(objective, tokenizer(texts[i:i + self.batch_size]).to(device), heads)
+                parts.append(torch.cat([by_head[head] for head in heads], dim=-1))
+            return torch.cat(parts)
+        encode_image, encode_text = self._timed(encode_image, encode_text)
+        packed = self._embedded(spec, encode_image, encode_text, device, tag and f"{tag}@{'+'.join(heads)}")
+
+        def part(x: torch.Tensor, i: int) -> torch.Tensor:
+            # embed_eval_set normalized the packed row (each part to 1/sqrt(H)); each head's own is a unit vector.
+            width = x.shape[1] // len(heads)
+            return torch.nn.functional.normalize(x[:, i * width:(i + 1) * width], dim=-1)
+        return {head: EmbeddedSet(part(packed.image_emb, i), part(packed.text_emb, i), packed.text_image_index,
+                                  packed.labels) for i, head in enumerate(heads)}
+
     def _token_encoders(self, objective: nn.Module, device: torch.device, spec: EvalSetSpec):
         """FILIP token features packed into one vector per item (`TokenEmbeddings.pack_*`), so the
         embedding, gather and cache machinery of the pooled path carries them."""
@@ -419,20 +465,21 @@ class EvalSuite:
                 results[spec.name] = self._late_interaction(spec, objective, device, tag)
             else:
                 # With several image heads each scores the whole set; the first is reported as the set.
+                # One read of the set and one trunk pass serve every head (`_heads_embedded`).
+                scoring = set_heads(spec, heads)
+                by_head = self._heads_embedded(spec, objective, device, tag, scoring)
                 images = {}
-                for i, head in enumerate(set_heads(spec, heads)):
+                for i, head in enumerate(scoring):
                     name = spec.name if i == 0 else f"{spec.name}@{head}"
                     head_tag = tag if tag is None or head == SEMANTIC else f"{tag}@{head}"
-                    encode_image, encode_text = self._encoders(objective, device, spec, head=head)
                     # Prompts are short and carry no images: the head runs in larger text batches.
                     head_text = self._encoders(objective, device, spec, ZEROSHOT_TEXT_BATCH, head=head)[1]
                     classifier = (self._classifier(spec, head_text, objective, head_tag)
                                   if "zeroshot_classification" in tasks else None)
-                    emb = self._embedded(spec, encode_image, encode_text, device, head_tag)
                     with self._watch_part("search_and_ranks"):
-                        results[name] = evaluate_embedded(emb, tasks=tasks, classifier=classifier,
+                        results[name] = evaluate_embedded(by_head[head], tasks=tasks, classifier=classifier,
                                                           search=self.search)
-                    images[head] = emb.image_emb
+                    images[head] = by_head[head].image_emb
                 if len(images) > 1:
                     # How alike the heads' image embeddings are on this set's images (1: the same up to rotation).
                     (first, x), *others = images.items()

@@ -51,3 +51,45 @@ def test_linear_cka_is_the_gram_matrix_definition():
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
     assert linear_cka(x, 3.0 * x @ q + 1.0) == pytest.approx(1.0, rel=1e-12)   # rotation, scale, shift
     assert linear_cka(x.float(), torch.randn(50, 8, generator=g)) < 0.4
+
+
+def test_one_pass_over_a_set_scores_each_head_as_it_alone_would(tmp_path):
+    """The suite embeds a set once for all heads (packed side by side, split after): each head's
+    metrics equal a run that scores the set with that head alone, and the CKA is that of the heads'
+    own image embeddings."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from test_model_heads import two_head_bundle
+
+    from clipkit.eval.suite import EvalSuite
+    from clipkit.objective import ContrastiveObjective
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "captions": [f"a picture number {i}", f"item {i % 3} drawn large"]})
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    bundle = two_head_bundle()
+    objective = ContrastiveObjective(bundle.model, None).eval()
+
+    def run(heads):
+        specs = build_eval_specs({"s": {"jsonl": str(tmp_path / "set.jsonl"), "tasks": ["retrieval"],
+                                        "heads": heads}})
+        suite = EvalSuite(specs, preprocess=bundle.preprocess_val, tokenizer=bundle.tokenizer, batch_size=4,
+                          out_dir=None, model_name="x")
+        return suite.run(objective, device="cpu")
+
+    both, semantic, perceptual = run(["semantic", "perceptual"]), run(["semantic"]), run(["perceptual"])
+    assert {k: v for k, v in both.items() if k.startswith("s/") and "cka" not in k} == semantic
+    assert {k.replace("s@perceptual/", "s/"): v for k, v in both.items() if k.startswith("s@")} == perceptual
+    specs = build_eval_specs({"s": {"jsonl": str(tmp_path / "set.jsonl"), "tasks": ["retrieval"]}})
+    suite = EvalSuite(specs, preprocess=bundle.preprocess_val, tokenizer=bundle.tokenizer, batch_size=4,
+                      out_dir=None, model_name="x")
+    alone = {head: suite._heads_embedded(specs[0], objective, torch.device("cpu"), None, [head])[head].image_emb
+             for head in ("semantic", "perceptual")}
+    assert both["s/linear_cka_semantic_perceptual"] == pytest.approx(
+        linear_cka(alone["semantic"], alone["perceptual"]), abs=1e-6)
+    assert 0.0 < both["s/linear_cka_semantic_perceptual"] < 0.99
