@@ -11,6 +11,7 @@ from clipkit.engine import build_optimizer, cap_logit_scales, fp32_master, initi
 from clipkit.losses.logit_scale import LogitScale
 
 CASES = [(0, "fp32"), (0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "bf16")]
+HEAD_CASES = [(0, "bf16"), (3, "bf16")]
 # Steps the loss pushes s up, then down. Adam's momentum turns after about 4 down steps (lr 0.05), so a
 # capped t then falls about 4 x 0.05; a master that drifted UP x 0.05 above the cap gets back only to it.
 UP, DOWN = 3, 8
@@ -28,6 +29,21 @@ class PushScale(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, _ = self.temperature()
         return self.direction * s.sum() + 1e-3 * self.linear(x.to(self.linear.weight.dtype)).float().pow(2).mean()
+
+
+class PushTwoHeads(nn.Module):
+    """Two image heads' temperatures as MultiTextLoss holds them (`temperature`, `head_temperatures.<head>`),
+    each with its own cap, both pushed up."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.temperature = LogitScale(init_scale=100.0, max_scale=100.0)
+        self.head_temperatures = nn.ModuleDict({"perceptual": LogitScale(init_scale=50.0, max_scale=50.0)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.temperature()[0] + self.head_temperatures["perceptual"]()[0]
+        return -s.sum() + 1e-3 * self.linear(x.to(self.linear.weight.dtype)).float().pow(2).mean()
 
 
 def _worker(rank, port, out_path):
@@ -59,6 +75,22 @@ def _worker(rank, port, out_path):
                     scales.append(float(engine.module.temperature.scale()))
             results[(stage, precision, capped)] = (masters, scales)
             engine.destroy()
+    for stage, precision in HEAD_CASES:
+        torch.manual_seed(0)
+        model = PushTwoHeads()
+        optimizer = build_optimizer(model, lr=0.05, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
+        ds = render_deepspeed_config(global_batch_size=2, world_size=1, zero_stage=stage, precision=precision,
+                                     grad_clip=None)
+        engine = initialize_engine(model, optimizer, None, ds)
+        masters = []
+        for _ in range(UP):
+            engine.backward(engine(torch.randn(2, 4)))
+            engine.step()
+            cap_logit_scales(engine)
+            masters.append((float(fp32_master(engine, engine.module.temperature.logit_scale).max()),
+                            float(fp32_master(engine, engine.module.head_temperatures["perceptual"].logit_scale).max())))
+        results[("heads", stage, precision)] = masters
+        engine.destroy()
     torch.save(results, out_path)
 
 
@@ -95,3 +127,12 @@ def test_without_the_after_step_cap_an_fp32_master_drifts_above_it(results):
             assert scales[-1] > 1.04 * capped_scales[-1], (stage, precision, scales, capped_scales)
         else:
             assert scales == capped_scales
+
+
+@pytest.mark.parametrize(("stage", "precision"), HEAD_CASES)
+def test_each_image_head_s_temperature_is_capped_at_its_own_cap(results, stage, precision):
+    """model.heads: every LogitScale is capped after the step, the perceptual head's at its own 50."""
+    caps = [float(torch.tensor(math.log(c), dtype=torch.float32)) + 1e-7 for c in (100.0, 50.0)]
+    for semantic, perceptual in results[("heads", stage, precision)]:
+        assert semantic <= caps[0] and perceptual <= caps[1]
+        assert perceptual == pytest.approx(math.log(50.0), abs=1e-6)
