@@ -3,6 +3,10 @@ bias are optimized, clipped, checkpointed and ZeRO-partitioned like every other 
 
 The loss declares in `loss.needs` which model outputs its forward takes (by name); this
 module computes exactly those (`OUTPUTS` lists what it can make) and nothing else.
+With extra image heads (`model.heads`, `clipkit.models.heads`) the pooled outputs exist once per
+head: `image@<head>`, `text@<head>` and `text_<r>@<head>` (the texts in that head's text
+projection); the plain names are the semantic head's. One trunk pass and one text tower pass
+serve every head.
 Per-step training behaviours live here too, driven by `on_step(step)` so that they are the
 same on every rank and after a resume: TailDrop's k (`model.tail_drop_max`) and the end of
 FLIP patch dropout for the unmasked tuning phase (`model.unmasked_tuning_steps`).

@@ -315,3 +315,13 @@ def pooled_own_scores(image_emb: np.ndarray, text_emb: np.ndarray, text_image_in
     float64 sums, so the score of a text does not depend on which kernel or batch computed it."""
     owners = np.asarray(text_image_index, np.int64)
     return np.einsum("md,md->m", text_emb.astype(np.float64), image_emb[owners].astype(np.float64))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two embeddings of the same n items, [n, d1] and [n, d2]:
+    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with Xc, Yc centred over the items; in float64.
+    1 for embeddings equal up to rotation and isotropic scale, near 0 for unrelated ones."""
+    x = x.double() - x.double().mean(dim=0)
+    y = y.double() - y.double().mean(dim=0)
+    cross = (y.T @ x).square().sum()
+    return float(cross / ((x.T @ x).square().sum().sqrt() * (y.T @ y).square().sum().sqrt()))

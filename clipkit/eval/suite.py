@@ -28,6 +28,7 @@ from clipkit.eval.cache import cache_path, load_array, load_embedded, save_array
 from clipkit.eval.captioning import evaluate_captioning
 from clipkit.eval.embed import EmbeddedSet, TokenEmbeddings, embed_eval_set, gather_embedded_set
 from clipkit.eval.late_interaction import late_interaction_metrics
+from clipkit.eval.metrics import linear_cka
 from clipkit.eval.runner import (
     BENCHMARK_TASK_NAMES,
     TASKS,
@@ -264,16 +265,6 @@ def check_heads(specs: list[EvalSetSpec], heads: tuple[str, ...]) -> None:
         if missing:
             raise ClipkitConfigError(f"eval.sets.{spec.name}.heads names {', '.join(missing)}, which the model does "
                                      f"not have (its heads: {', '.join(heads)}; model.heads adds more)")
-
-
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA (Kornblith et al. 2019) of two embeddings of the same n items, [n, d1] and [n, d2]:
-    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with Xc, Yc centred over the items; in float64.
-    1 for embeddings equal up to rotation and isotropic scale, near 0 for unrelated ones."""
-    x = x.double() - x.double().mean(dim=0)
-    y = y.double() - y.double().mean(dim=0)
-    cross = (y.T @ x).square().sum()
-    return float(cross / ((x.T @ x).square().sum().sqrt() * (y.T @ y).square().sum().sqrt()))
 
 
 def build_search_config(eval_cfg: Any) -> SearchConfig:

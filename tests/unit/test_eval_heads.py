@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clipkit.errors import ClipkitConfigError
-from clipkit.eval.suite import EvalSetSpec, build_eval_specs, check_heads, linear_cka, set_heads
+from clipkit.eval.metrics import linear_cka
+from clipkit.eval.suite import EvalSetSpec, build_eval_specs, check_heads, set_heads
 
 
 def spec(captions="short", heads=None):
