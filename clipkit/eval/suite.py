@@ -52,9 +52,11 @@ DEFAULT_TASKS = {"classification": ["zeroshot_classification"], "retrieval": ["r
                  "selection": ["selection"], "urls": ["zeroshot_classification", "retrieval"]}
 
 
-# Texts per text-tower call for the zero-shot head: on CPU the tiny tower ran 3x faster per
-# prompt at 2,048 than at 256 (eager per-call overhead); a prompt batch holds no images.
-ZEROSHOT_TEXT_BATCH = 1024
+# Texts per text-tower call for the zero-shot head (a prompt batch holds no images). On a quiet
+# 2-core CPU, 1,000 ImageNet classes x 80 templates took 8.5 s with the tiny tower at 256 and 9.6 s
+# at 1,024; ViT-B-32's 20 classes 7.1 s and 9.5 s (larger activations fall out of cache); 128 was
+# no faster than 256. An earlier 1,024 came from a machine shared with other jobs.
+ZEROSHOT_TEXT_BATCH = 256
 # A set's caption level and the image head (`model.heads`) that scores it first when the model has it.
 CAPTION_LEVELS = ("short", "long")
 LEVEL_HEAD = {"short": SEMANTIC, "long": "perceptual"}
