@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import pickle
 import shutil
@@ -435,9 +434,6 @@ def to_open_clip_state_dict(objective_state: dict[str, torch.Tensor], head: str 
             out[key[len("model."):]] = value
         elif key.startswith(prefix) and key[len(prefix):] in _LOSS_SCALARS:
             out[key[len(prefix):]] = value.reshape(())
-    if "logit_scale" not in out and any(k.startswith("heads.") for k in out):
-        # No loss term scored this head, so it has no temperature: open_clip's init stands in.
-        out["logit_scale"] = torch.tensor(math.log(1 / 0.07))
     return join_kept_positions(head_state_dict(out, head))
 
 

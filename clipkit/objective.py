@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.errors import ClipkitConfigError
-from clipkit.models.heads import SEMANTIC, head_names
+from clipkit.models.heads import SEMANTIC, head_names, head_output, split_head
 from clipkit.models.outputs import (
     encode_image_parts,
     encode_text_pooled,
@@ -71,18 +71,6 @@ def role_outputs(role: str) -> dict[str, Output]:
     """The outputs of text role `role`: its features `text_<role>` and their mask `text_<role>_valid`."""
     return {f"text_{role}": Output(f"features of the {role!r} texts", "[b, K, D], L2-normalized", _ROLES),
             f"text_{role}_valid": Output(f"the mask of the {role!r} texts", "[b, K] bool, True on real texts", _ROLES)}
-
-
-def head_output(name: str, head: str) -> str:
-    """The name of output `name` ("image", "text", "text_<r>") as scored by image head `head`:
-    `name` itself for the semantic head, `name@head` for an extra head (`model.heads`)."""
-    return name if head == SEMANTIC else f"{name}@{head}"
-
-
-def split_head(name: str) -> tuple[str, str]:
-    """`image@perceptual` -> ("image", "perceptual"); a name without a head -> (name, "semantic")."""
-    base, _, head = name.partition("@")
-    return base, head or SEMANTIC
 
 
 def output_info(name: str) -> Output:
@@ -183,18 +171,17 @@ class ContrastiveObjective(nn.Module):
 
     def missing_outputs(self, needs: tuple[str, ...]) -> list[str]:
         """The names in `needs` this model and batch cannot produce (checked at build time)."""
-        extra = [(name, *split_head(name)) for name in needs if "@" in name]
-        pooled = {"image", "text", *self.role_features()}
-        missing_heads = [name for name, base, head in extra if head not in self.heads() or base not in pooled]
+        # An extra head's outputs (`image@h`, `text@h`, `text_<r>@h`) need the head and the pooled output.
+        pooled = {"image", *self.role_features()} if self.text_roles else {"image", "text"}
+        missing_heads = [name for name in needs if "@" in name
+                         and (split_head(name)[1] not in self.heads() or split_head(name)[0] not in pooled)]
         needs = tuple(name for name in needs if "@" not in name)
         if self.text_roles:
             # With text roles the batch has no single `text`: the towers' per-caption outputs go.
             can = {"image"}
             for role in self.text_roles:
                 can |= set(role_outputs(role))
-            missing_heads = [n for n in missing_heads if split_head(n)[0] != "text"] + \
-                [name for name, base, _ in extra if base == "text"]
-            return [n for n in needs if n not in can] + sorted(set(missing_heads))
+            return [n for n in needs if n not in can] + missing_heads
         can = {"image", "text"}
         if is_vision_transformer(self.model.visual) and getattr(self.model.visual, "attn_pool", None) is None \
                 and hasattr(self.model, "token_embedding"):

@@ -40,7 +40,7 @@ from clipkit.eval.runner import (
 from clipkit.eval.scoring import LateInteraction, PooledCosine, Scorer
 from clipkit.eval.text_context import check_text_context, model_text_positions, set_tokenizer
 from clipkit.eval.zeroshot import classifier_key, zeroshot_classifier
-from clipkit.models.heads import SEMANTIC
+from clipkit.models.heads import SEMANTIC, head_output
 from clipkit.schema import EvalSetConfig, load_section
 
 # clip_benchmark: a directory in CLIP_benchmark's webdataset layout (its --dataset_root), read as urls.
@@ -245,19 +245,9 @@ def set_heads(spec: EvalSetSpec, heads: tuple[str, ...]) -> list[str]:
     return [first, *(head for head in heads if head != first)]
 
 
-def encode_image_heads(objective: Any, images: torch.Tensor, heads: list[str]) -> dict[str, torch.Tensor]:
-    """{head: [b, D] unit vectors}: one trunk pass where the objective has one (`ContrastiveObjective`),
-    else one `encode_image(images, head)` per head."""
-    if hasattr(objective, "encode_image_heads"):
-        return objective.encode_image_heads(images, tuple(heads))
-    return {head: objective.encode_image(images, head=head) for head in heads}
-
-
-def encode_text_heads(objective: Any, tokens: torch.Tensor, heads: list[str]) -> dict[str, torch.Tensor]:
-    """{head: [n, D] unit vectors}: one text tower pass where the objective has one."""
-    if hasattr(objective, "encode_text_heads"):
-        return objective.encode_text_heads(tokens, tuple(heads))
-    return {head: objective.encode_text(tokens, head=head) for head in heads}
+def _head_tag(tag: str | None, head: str) -> str | None:
+    """The embedding-cache tag of a checkpoint as scored by `head` (`head_output`'s naming)."""
+    return None if tag is None else head_output(tag, head)
 
 
 def check_heads(specs: list[EvalSetSpec], heads: tuple[str, ...]) -> None:
@@ -313,19 +303,34 @@ class EvalSuite:
         return set_tokenizer(self.tokenizer, spec.context_length, model_text_positions(objective))
 
     def _encoders(self, objective: nn.Module, device: torch.device, spec: EvalSetSpec, text_batch: int | None = None,
-                  head: str = SEMANTIC):
-        """(encode_image, encode_text) of image head `head` and its text projection, timed; texts go
-        through the tower `text_batch` (default `batch_size`) at a time."""
+                  heads: tuple[str, ...] = (SEMANTIC,)):
+        """(encode_image, encode_text), timed; texts go through the tower `text_batch` (default
+        `batch_size`) at a time. Each item is embedded by every image head in `heads` (and its text
+        projection), the heads' unit vectors side by side ([n, len(heads)·D]; `_heads_embedded`)."""
         tokenizer = self._tokenizer(spec, objective)
         text_batch = text_batch or self.batch_size
-        # Only an extra head is named: a one-head objective (or a bare open_clip wrapper) is called as before.
-        by_head = {} if head == SEMANTIC else {"head": head}
+
+        def packed(by_head: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.cat([by_head[head] for head in heads], dim=-1)
+
+        if heads == (SEMANTIC,):   # one-head objectives and bare open_clip wrappers are called as always
+            def encode_image_batch(images):
+                return objective.encode_image(images)
+
+            def encode_text_batch(tokens):
+                return objective.encode_text(tokens)
+        else:
+            def encode_image_batch(images):
+                return packed(objective.encode_image_heads(images, heads))
+
+            def encode_text_batch(tokens):
+                return packed(objective.encode_text_heads(tokens, heads))
 
         def encode_image(images: torch.Tensor) -> torch.Tensor:
-            return objective.encode_image(images.to(device), **by_head)
+            return encode_image_batch(images.to(device))
 
         def encode_text(texts: list[str]) -> torch.Tensor:
-            return torch.cat([objective.encode_text(tokenizer(texts[i:i + text_batch]).to(device), **by_head)
+            return torch.cat([encode_text_batch(tokenizer(texts[i:i + text_batch]).to(device))
                               for i in range(0, len(texts), text_batch)])
         return self._timed(encode_image, encode_text)
 
@@ -375,24 +380,10 @@ class EvalSuite:
         """{head: the gathered set as that head and its text projection embed it}. With several
         heads the set is read and embedded once: each item's heads' unit vectors are packed side
         by side ([n, H·D], so the embed, gather and cache path carries them) and split after."""
+        encode_image, encode_text = self._encoders(objective, device, spec, heads=tuple(heads))
+        packed = self._embedded(spec, encode_image, encode_text, device, _head_tag(tag, "+".join(heads)))
         if len(heads) == 1:
-            head_tag = tag if tag is None or heads[0] == SEMANTIC else f"{tag}@{heads[0]}"
-            encode_image, encode_text = self._encoders(objective, device, spec, head=heads[0])
-            return {heads[0]: self._embedded(spec, encode_image, encode_text, device, head_tag)}
-        tokenizer = self._tokenizer(spec, objective)
-
-        def encode_image(images: torch.Tensor) -> torch.Tensor:
-            by_head = encode_image_heads(objective, images.to(device), heads)
-            return torch.cat([by_head[head] for head in heads], dim=-1)
-
-        def encode_text(texts: list[str]) -> torch.Tensor:
-            parts = []
-            for i in range(0, len(texts), self.batch_size):
-                by_head = encode_text_heads(objective, tokenizer(texts[i:i + self.batch_size]).to(device), heads)
-                parts.append(torch.cat([by_head[head] for head in heads], dim=-1))
-            return torch.cat(parts)
-        encode_image, encode_text = self._timed(encode_image, encode_text)
-        packed = self._embedded(spec, encode_image, encode_text, device, tag and f"{tag}@{'+'.join(heads)}")
+            return {heads[0]: packed}
 
         def part(x: torch.Tensor, i: int) -> torch.Tensor:
             # embed_eval_set normalized the packed row (each part to 1/sqrt(H)); each head's own is a unit vector.
@@ -464,10 +455,9 @@ class EvalSuite:
                 images = {}
                 for i, head in enumerate(scoring):
                     name = spec.name if i == 0 else f"{spec.name}@{head}"
-                    head_tag = tag if tag is None or head == SEMANTIC else f"{tag}@{head}"
                     # Prompts are short and carry no images: the head runs in larger text batches.
-                    head_text = self._encoders(objective, device, spec, ZEROSHOT_TEXT_BATCH, head=head)[1]
-                    classifier = (self._classifier(spec, head_text, objective, head_tag)
+                    head_text = self._encoders(objective, device, spec, ZEROSHOT_TEXT_BATCH, heads=(head,))[1]
+                    classifier = (self._classifier(spec, head_text, objective, _head_tag(tag, head))
                                   if "zeroshot_classification" in tasks else None)
                     with self._watch_part("search_and_ranks"):
                         results[name] = evaluate_embedded(by_head[head], tasks=tasks, classifier=classifier,

@@ -97,7 +97,7 @@ def parse_terms(terms) -> dict[str, dict]:
 
 
 def _at(name: str, head: str) -> str:
-    """Output `name` as scored by image head `head` (`clipkit.objective.head_output`)."""
+    """Output `name` as scored by image head `head` (`clipkit.models.heads.head_output`)."""
     return name if head == SEMANTIC else f"{name}@{head}"
 
 

@@ -45,6 +45,18 @@ TEXT_PROJECTIONS = ("own", "shared")
 HEAD_KEYS = ("pool", "attn_heads", "text_projection")
 
 
+def head_output(name: str, head: str) -> str:
+    """The name of output `name` ("image", "text", "text_<r>") as scored by image head `head`:
+    `name` itself for the semantic head, `name@head` for an extra head."""
+    return name if head == SEMANTIC else f"{name}@{head}"
+
+
+def split_head(name: str) -> tuple[str, str]:
+    """`image@perceptual` -> ("image", "perceptual"); a name without a head -> (name, "semantic")."""
+    base, _, head = name.partition("@")
+    return base, head or SEMANTIC
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """One `model.heads.<name>` entry, checked."""

@@ -110,6 +110,7 @@ def test_each_head_exports_as_a_plain_open_clip_model_with_the_same_embeddings(p
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     tokens = bundle.tokenizer(CAPTIONS[:4])
     state = {f"model.{k}": v for k, v in bundle.model.state_dict().items()}
+    state["loss.temperature.logit_scale"] = torch.tensor([math.log(1 / 0.07)])
     state["loss.head_temperatures.perceptual.logit_scale"] = torch.tensor([math.log(20.0)])
     (spec,) = parse_heads({"perceptual": {"pool": pool, "attn_heads": 4, "text_projection": text_projection}})
     for head, cfg in (("semantic", bundle.model_cfg), ("perceptual", head_model_config(bundle.model_cfg, spec))):
@@ -183,17 +184,23 @@ TERMS = {"alt": {"texts": "alt", "image": "semantic", "weight": 1.0},
          "long": {"texts": "long", "image": "perceptual", "weight": 0.5}}
 
 
-@pytest.mark.parametrize("form", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("pool,text_projection", [("attn", "own"), ("avg", "shared"), ("tok", "own")])
-def test_the_two_head_objective_equals_the_float64_reference(form, pool, text_projection):
+def two_head_objective(form: str, pool: str, text_projection: str):
+    """(bundle, loss, objective): the float64 two-head objective of TERMS, the semantic head's
+    temperature 10 and the perceptual head's 4, so a mix-up of the two shows."""
     from clipkit.losses import MultiTextLoss
     from clipkit.objective import ContrastiveObjective
 
     bundle = two_head_bundle(pool, text_projection, torch.float64)
     loss = MultiTextLoss(TERMS, form=form, init_logit_scale=10.0, impl="chunked", chunk_size=3).double()
-    with torch.no_grad():   # different temperatures per head, so a mix-up shows
+    with torch.no_grad():
         loss.head_temperatures["perceptual"].logit_scale.fill_(math.log(4.0))
-    objective = ContrastiveObjective(bundle.model, loss, text_roles=("alt", "long"))
+    return bundle, loss, ContrastiveObjective(bundle.model, loss, text_roles=("alt", "long"))
+
+
+@pytest.mark.parametrize("form", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("pool,text_projection", [("attn", "own"), ("avg", "shared"), ("tok", "own")])
+def test_the_two_head_objective_equals_the_float64_reference(form, pool, text_projection):
+    bundle, loss, objective = two_head_objective(form, pool, text_projection)
     batch = role_batch(bundle.tokenizer)
     ours, metrics = objective(batch)
     params = [p for p in objective.parameters() if p.requires_grad]
