@@ -6,14 +6,12 @@ heads' poolings and projections, both text projections, both temperatures and bi
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
-from test_model_heads import TERMS, role_batch, two_head_bundle
+from test_model_heads import role_batch, two_head_objective
 
 WORLD = 2
 # One case (each float64 pass of the tiny towers costs seconds): the sigmoid form, so the biases
@@ -24,14 +22,7 @@ CASES = [("sigmoid", "attn", "own")]
 def loss_and_grads(form: str, pool: str, text_projection: str, rows: slice | None):
     """The objective's loss on `rows` of the batch (all of it for None) and every trainable
     parameter's gradient, by name; float64 throughout."""
-    from clipkit.losses import MultiTextLoss
-    from clipkit.objective import ContrastiveObjective
-
-    bundle = two_head_bundle(pool, text_projection, torch.float64)
-    loss = MultiTextLoss(TERMS, form=form, init_logit_scale=10.0, impl="chunked", chunk_size=3).double()
-    with torch.no_grad():   # different temperatures per head, so a mix-up shows
-        loss.head_temperatures["perceptual"].logit_scale.fill_(math.log(4.0))
-    objective = ContrastiveObjective(bundle.model, loss, text_roles=("alt", "long"))
+    bundle, _, objective = two_head_objective(form, pool, text_projection)
     batch = role_batch(bundle.tokenizer)
     if rows is not None:
         batch = {name: value[rows] for name, value in batch.items()}

@@ -46,6 +46,14 @@ class PushTwoHeads(nn.Module):
         return -s.sum() + 1e-3 * self.linear(x.to(self.linear.weight.dtype)).float().pow(2).mean()
 
 
+def _engine(model: nn.Module, stage: int, precision: str):
+    """The real DeepSpeed engine around `model`: AdamW at lr 0.05, no decay, no clipping."""
+    optimizer = build_optimizer(model, lr=0.05, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
+    ds = render_deepspeed_config(global_batch_size=2, world_size=1, zero_stage=stage, precision=precision,
+                                 grad_clip=None)
+    return initialize_engine(model, optimizer, None, ds)
+
+
 def _worker(rank, port, out_path):
     import os
 
@@ -57,11 +65,7 @@ def _worker(rank, port, out_path):
     for stage, precision in CASES:
         for capped in (False, True):
             torch.manual_seed(0)
-            model = PushScale()
-            optimizer = build_optimizer(model, lr=0.05, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
-            ds = render_deepspeed_config(global_batch_size=2, world_size=1, zero_stage=stage, precision=precision,
-                                         grad_clip=None)
-            engine = initialize_engine(model, optimizer, None, ds)
+            engine = _engine(PushScale(), stage, precision)
             masters, scales = [], []
             for step in range(UP + DOWN):
                 engine.module.direction = -1.0 if step < UP else 1.0
@@ -77,11 +81,7 @@ def _worker(rank, port, out_path):
             engine.destroy()
     for stage, precision in HEAD_CASES:
         torch.manual_seed(0)
-        model = PushTwoHeads()
-        optimizer = build_optimizer(model, lr=0.05, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
-        ds = render_deepspeed_config(global_batch_size=2, world_size=1, zero_stage=stage, precision=precision,
-                                     grad_clip=None)
-        engine = initialize_engine(model, optimizer, None, ds)
+        engine = _engine(PushTwoHeads(), stage, precision)
         masters = []
         for _ in range(UP):
             engine.backward(engine(torch.randn(2, 4)))
